@@ -1,0 +1,1 @@
+"""Loading models, their facts as data, and checked tokenization."""

@@ -1,0 +1,181 @@
+"""Load a model as a TransformerBridge in compatibility mode, ready for causal experiments.
+
+``load_model`` accepts TransformerLens aliases (``"gpt2-small"``), HuggingFace ids
+(``"Qwen/Qwen3-0.6B"``), local checkpoint directories and ``"organism"`` (the small trained
+model shipped with hookpatch). It applies the processing the user's notebooks rely on for
+GPT-2 small (``fold_ln``, ``center_writing_weights``, ``center_unembed``) and returns the
+model in eval mode. Without a network, a hub name that is not in the local cache fails at
+once with a message saying what to pass instead, not after half a minute of retries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hookpatch.errors import HookpatchError
+
+ORGANISM = "organism"
+_ORGANISM_DIR = Path(__file__).resolve().parent.parent / "organism" / "checkpoint"
+_HUB_HOST = "huggingface.co"
+
+
+def organism_path() -> Path:
+    """Directory of the shipped model organism checkpoint."""
+    return _ORGANISM_DIR
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    device_map: str | dict | None = None,
+    fold_ln: bool = True,
+    center_writing_weights: bool = True,
+    center_unembed: bool = True,
+    refactor_factored_attn_matrices: bool = False,
+    tokenizer: Any = None,
+) -> Any:
+    """Load ``name_or_path`` as a TransformerBridge in compatibility mode, in eval mode.
+
+    Example:
+        >>> model = load_model("organism")          # offline, shipped with hookpatch
+        >>> model = load_model("gpt2-small")        # needs a network or the HF cache
+
+    Args:
+        name_or_path: ``"organism"``, a TransformerLens alias, a HuggingFace id or a local
+            directory holding ``config.json``, weights and a tokenizer.
+        device: where to put the model; default CUDA when available, else CPU.
+        dtype: parameter dtype (float32 by default; checkpoints stored in fp16 are cast).
+        device_map: HuggingFace-style placement across devices (exclusive with ``device``).
+        fold_ln, center_writing_weights, center_unembed, refactor_factored_attn_matrices:
+            TransformerLens' weight processing (HookedTransformer's defaults).
+        tokenizer: a tokenizer to use instead of the checkpoint's own.
+
+    Returns:
+        A ``TransformerBridge`` with HookedTransformer hook names, folded-LayerNorm numerics,
+        ``run_with_hooks`` and ``run_with_cache``.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if device is not None and device_map is not None:
+        raise HookpatchError(
+            "pass either device= or device_map=, not both: device_map places the model itself."
+        )
+    source = _resolve_source(name_or_path)
+    if tokenizer is None and Path(source).is_dir():
+        tokenizer = _local_tokenizer(Path(source))
+    if device is None and device_map is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        model = TransformerBridge.boot_transformers(
+            str(source), device=device, dtype=dtype, device_map=device_map, tokenizer=tokenizer
+        )
+    except OSError as err:
+        raise HookpatchError(f"could not load {name_or_path!r} from {source}: {err}") from err
+    model.enable_compatibility_mode(
+        disable_warnings=True,
+        fold_ln=fold_ln,
+        center_writing_weights=center_writing_weights,
+        center_unembed=center_unembed,
+        refactor_factored_attn_matrices=refactor_factored_attn_matrices,
+    )
+    model.eval()
+    return model
+
+
+def _resolve_source(name_or_path: str | os.PathLike) -> str:
+    """A local directory to load from, or a hub id that can be reached (cache or network)."""
+    name = str(name_or_path)
+    if name == ORGANISM:
+        if not (_ORGANISM_DIR / "config.json").is_file():
+            raise HookpatchError(
+                f"the shipped model organism is missing from {_ORGANISM_DIR}; reinstall "
+                "hookpatch or pass the path of a local checkpoint directory."
+            )
+        return str(_ORGANISM_DIR)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        missing = [f for f in ("config.json",) if not (path / f).is_file()]
+        if missing:
+            raise HookpatchError(
+                f"{path} is not a model checkpoint directory: {missing[0]} is missing. Pass a "
+                "directory saved with save_pretrained (config.json, weights, tokenizer files)."
+            )
+        return str(path)
+    if os.sep in name and not name.count("/") == 1:
+        raise HookpatchError(f"no checkpoint directory at {name!r}.")
+    repo = _official_name(name)
+    cached = _cached_snapshot(repo)
+    if cached is not None:
+        return cached
+    if os.environ.get("HF_HUB_OFFLINE") or not _hub_reachable():
+        raise HookpatchError(
+            f"cannot load {name!r}: there is no network to download it from the HuggingFace hub "
+            f"and it is not in the local cache. Pass a local checkpoint directory, or "
+            f"load_model({ORGANISM!r}) for the small model shipped with hookpatch."
+        )
+    return repo
+
+
+def _official_name(name: str) -> str:
+    """The HuggingFace id behind a TransformerLens alias such as ``gpt2-small``."""
+    try:
+        from transformer_lens.tools.model_registry.registry_io import resolve_model_alias
+    except ImportError:  # pragma: no cover - registry layout changed
+        return name
+    return resolve_model_alias(name) or name
+
+
+def _cached_snapshot(repo: str) -> str | None:
+    """The local snapshot directory of ``repo`` if its config and weights are cached."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(repo, local_files_only=True)
+    except Exception:  # noqa: BLE001 - any failure means "not cached"
+        return None
+    has_weights = any(Path(path).glob("*.safetensors")) or any(Path(path).glob("*.bin"))
+    return path if (Path(path) / "config.json").is_file() and has_weights else None
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the HuggingFace hub's host resolves and accepts a connection."""
+    try:
+        with socket.create_connection((_HUB_HOST, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _local_tokenizer(path: Path) -> Any:
+    """The checkpoint's own ``tokenizer.json`` when it declares a generic fast tokenizer.
+
+    transformers' AutoTokenizer picks the tokenizer class from the *model* type for some
+    families (a Qwen2 config yields ``Qwen2Tokenizer``), which mangles a custom
+    ``tokenizer.json``; loading the generic class keeps the file's own rules.
+    """
+    cfg_file = path / "tokenizer_config.json"
+    if not (path / "tokenizer.json").is_file() or not cfg_file.is_file():
+        return None
+    declared = json.loads(cfg_file.read_text()).get("tokenizer_class")
+    if declared not in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        return None
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(str(path))
+
+
+def require_eval(model: Any) -> None:
+    """Raise if ``model`` is in train mode: dropout would make every patch a random draw."""
+    if getattr(model, "training", False):
+        raise HookpatchError(
+            "the model is in train mode (dropout is active, so results would be random); "
+            "call model.eval() first."
+        )

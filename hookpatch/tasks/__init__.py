@@ -1,0 +1,1 @@
+"""Prompt sets: clean and corrupted prompts with answers and named positions."""
