@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable
 
 import torch
 
@@ -27,7 +27,6 @@ UNK = "<unk>"
 # GPT-2's pre-tokenization: contractions, words and numbers with their leading space.
 GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
-Family = Literal["gpt2", "llama"]
 
 
 def task_texts() -> list[str]:
@@ -40,7 +39,7 @@ def task_texts() -> list[str]:
         itertools.cycle(vocab.IOI_OBJECTS),
     ):
         texts.append(template.format(A="X", B="Y", S="Z", place=place, object=obj) + " W")
-    texts += [f"{p} {o}" for p in vocab.IOI_PLACES for o in vocab.IOI_OBJECTS]
+    texts.append(" " + " ".join(vocab.IOI_PLACES + vocab.IOI_OBJECTS))
     texts += [" ".join(names), " " + " ".join(names), " it"]
     for template, _, _ in vocab.TL_DEMO_IOI:
         texts.append(template.format(" John"))
@@ -90,9 +89,9 @@ def byte_bpe_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 120
 
 def write_tiny_checkpoint(
     directory: str | Path,
-    family: Family = "gpt2",
+    family: str = "gpt2",
     *,
-    tokenizer: Literal["word", "bpe"] = "word",
+    tokenizer: str = "word",
     n_layers: int = 2,
     d_model: int = 64,
     n_heads: int = 4,
@@ -104,6 +103,8 @@ def write_tiny_checkpoint(
     """Save a random ``family`` model and its tokenizer as a HuggingFace checkpoint."""
     import transformers
 
+    if tokenizer not in ("word", "bpe"):
+        raise HookpatchError(f"unknown tokenizer kind {tokenizer!r}; expected 'word' or 'bpe'.")
     tok = word_level_tokenizer() if tokenizer == "word" else byte_bpe_tokenizer()
     common = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     if family == "gpt2":
@@ -135,7 +136,7 @@ def write_tiny_checkpoint(
     return directory
 
 
-def tiny_model(family: Family = "gpt2", *, device: str = "cpu", **kwargs: Any) -> Any:
+def tiny_model(family: str = "gpt2", *, device: str = "cpu", **kwargs: Any) -> Any:
     """A random ``family`` bridge in compatibility mode, built offline in about a second.
 
     Example:

@@ -1,0 +1,44 @@
+"""Logit difference between the correct and incorrect answer at each prompt's END."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from jaxtyping import Float
+from torch import Tensor
+
+from hookpatch.metrics.base import Metric, gather_answers
+from hookpatch.tasks.promptset import PromptSet
+
+
+@dataclass(frozen=True)
+class LogitDiff(Metric):
+    """``logit[correct] - logit[incorrect]`` per prompt; linear in the final residual.
+
+    Example:
+        >>> metric = LogitDiff(prompts)
+        >>> metric(model(prompts.clean_tokens))     # [batch]
+    """
+
+    prompts: PromptSet
+    name: str = "logit_diff"
+
+    @property
+    def linear(self) -> bool:
+        return True
+
+    def from_final(self, logits: Float[Tensor, "*lead batch d_vocab"]) -> Float[Tensor, "*lead batch"]:
+        return gather_answers(logits, self.prompts.correct_tokens) - gather_answers(
+            logits, self.prompts.incorrect_tokens
+        )
+
+    def directions(self, model: Any) -> Float[Tensor, "batch d_model"]:
+        """``W_U[:, correct] - W_U[:, incorrect]`` per prompt (the unembed difference)."""
+        W_U = model.W_U
+        return (W_U[:, self.prompts.correct_tokens] - W_U[:, self.prompts.incorrect_tokens]).T
+
+    def bias(self, model: Any) -> Float[Tensor, " batch"]:
+        """``b_U[correct] - b_U[incorrect]``: the part of the metric no component writes."""
+        b_U = model.b_U
+        return b_U[self.prompts.correct_tokens] - b_U[self.prompts.incorrect_tokens]

@@ -1,0 +1,1 @@
+"""Readouts: what the model predicts and which components write it."""
