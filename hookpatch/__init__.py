@@ -1,1 +1,41 @@
+"""hookpatch: causal experiments on transformer language models, on TransformerLens 4.
 
+Data flow: prompt set → model run and cache → metric → hooks → sweeps / readouts /
+attribution → results with labels → views → report.
+"""
+
+from hookpatch.errors import HookpatchError as HookpatchError
+from hookpatch.metrics import AnswerLoss as AnswerLoss
+from hookpatch.metrics import AnswerProbability as AnswerProbability
+from hookpatch.metrics import KLToClean as KLToClean
+from hookpatch.metrics import LogitDiff as LogitDiff
+from hookpatch.metrics import Metric as Metric
+from hookpatch.metrics import Normalized as Normalized
+from hookpatch.metrics import evaluate as evaluate
+from hookpatch.model.facts import model_facts as model_facts
+from hookpatch.model.loading import load_model as load_model
+from hookpatch.model.tiny import tiny_model as tiny_model
+from hookpatch.readouts.predictions import predictions as predictions
+from hookpatch.tasks.ioi import ioi_prompts as ioi_prompts
+from hookpatch.tasks.promptset import PromptSet as PromptSet
+from hookpatch.tasks.promptset import make_prompt_set as make_prompt_set
+from hookpatch.tasks.pronoun import pronoun_prompts as pronoun_prompts
+
+__all__ = [
+    "AnswerLoss",
+    "AnswerProbability",
+    "HookpatchError",
+    "KLToClean",
+    "LogitDiff",
+    "Metric",
+    "Normalized",
+    "PromptSet",
+    "evaluate",
+    "ioi_prompts",
+    "load_model",
+    "make_prompt_set",
+    "model_facts",
+    "predictions",
+    "pronoun_prompts",
+    "tiny_model",
+]
