@@ -1,0 +1,1 @@
+"""Hooks: module-level functions bound with functools.partial to tensors and ints."""

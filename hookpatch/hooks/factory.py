@@ -1,0 +1,128 @@
+"""The hook factory: patch or ablate any component at chosen positions and heads.
+
+Each factory returns ``(hook_name, hook)`` for ``model.run_with_hooks(fwd_hooks=[...])``;
+``hook`` is the module-level :func:`replace_where` bound with ``functools.partial`` to plain
+tensors and ints, so it pickles and never holds a model or a cache. Hooks write into the
+activation in place and return it, as TransformerLens' own patching does: a
+TransformerBridge propagates a *returned* new ``hook_resid_mid`` to only one of its two
+readers (the MLP input or the residual), while an in-place edit reaches both. The source
+tensors and any cache are never modified.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from hookpatch.errors import HookpatchError
+from hookpatch.hooks.selection import Heads, Positions, activation_mask, per_prompt_positions, pos_dim
+from hookpatch.model.facts import component_info, model_facts
+from hookpatch.tasks.promptset import PromptSet
+
+ABLATIONS = ("zero", "mean", "resample")
+
+
+def replace_where(
+    activation: Float[Tensor, "..."],
+    hook: Any,
+    *,
+    mask: Bool[Tensor, "..."],
+    source: Float[Tensor, "..."],
+    pos_dim: int,
+) -> Float[Tensor, "..."]:
+    """``activation`` with the entries selected by ``mask`` taken from ``source``.
+
+    ``mask`` and ``source`` cover all positions; a runner that computes only positions from
+    ``hook.pos_offset`` on (hookpatch's fast path) gets them sliced to match.
+    """
+    offset = getattr(hook, "pos_offset", 0)
+    if offset:
+        mask = mask.narrow(pos_dim, offset, mask.shape[pos_dim] - offset) if mask.shape[pos_dim] > 1 else mask
+        if source.ndim and source.shape[pos_dim] > 1:
+            source = source.narrow(pos_dim, offset, source.shape[pos_dim] - offset)
+    if source.ndim and source.shape[pos_dim] != activation.shape[pos_dim] and source.shape[pos_dim] > 1:
+        raise HookpatchError(
+            f"{hook.name}: the source activation has {source.shape[pos_dim]} positions but the run "
+            f"has {activation.shape[pos_dim]}; patch between prompts of the same length."
+        )
+    patched = torch.where(mask.to(activation.device), source.to(activation.device, activation.dtype), activation)
+    return activation.copy_(patched)
+
+
+def patch_hook(
+    model: Any,
+    component: str,
+    layer: int,
+    source: Float[Tensor, "batch ..."],
+    *,
+    positions: Positions = None,
+    heads: Heads = None,
+    prompts: PromptSet | None = None,
+) -> tuple[str, partial]:
+    """A hook writing ``source`` (e.g. ``clean_cache[hook_name]``) into the run at the selection.
+
+    Example:
+        >>> name, hook = patch_hook(model, "z", 9, clean_cache["blocks.9.attn.hook_z"], heads=7,
+        ...                         positions="END", prompts=prompts)
+        >>> model.run_with_hooks(prompts.corrupted_tokens, fwd_hooks=[(name, hook)])
+    """
+    facts = model_facts(model)
+    facts.check_layer(layer)
+    info = component_info(component)
+    d = pos_dim(component)
+    pos_mask = per_prompt_positions(positions, source.shape[0], source.shape[d], prompts)
+    mask = activation_mask(facts, component, pos_mask, heads)
+    return info.hook_name(layer), partial(replace_where, mask=mask, source=source.detach(), pos_dim=d)
+
+
+def ablation_source(
+    reference: Float[Tensor, "batch ..."], how: str, *, seed: int = 0
+) -> Float[Tensor, "..."]:
+    """What an ablation writes: zeros, the mean over the reference prompts, or other prompts'
+    activations (a seeded derangement, so no prompt gets its own activation back)."""
+    if how == "zero":
+        return torch.zeros((), dtype=reference.dtype)
+    if how == "mean":
+        return reference.detach().mean(0, keepdim=True)
+    if how == "resample":
+        n = reference.shape[0]
+        if n < 2:
+            raise HookpatchError("resample ablation needs at least two prompts to draw from.")
+        g = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(n, generator=g)
+        fixed = perm == torch.arange(n)
+        perm[fixed] = perm[fixed].roll(1) if int(fixed.sum()) > 1 else (perm[fixed] + 1) % n
+        return reference.detach()[perm.to(reference.device)]
+    raise HookpatchError(f"unknown ablation {how!r}; expected one of {ABLATIONS}.")
+
+
+def ablate_hook(
+    model: Any,
+    component: str,
+    layer: int,
+    reference: Float[Tensor, "batch ..."],
+    *,
+    how: str = "zero",
+    positions: Positions = None,
+    heads: Heads = None,
+    prompts: PromptSet | None = None,
+    seed: int = 0,
+) -> tuple[str, partial]:
+    """A hook ablating the selection: ``"zero"``, ``"mean"`` over ``reference`` (the
+    activation on a reference set, e.g. ``cache[hook_name]``) or ``"resample"`` from it.
+
+    Example:
+        >>> name, hook = ablate_hook(model, "z", 3, cache["blocks.3.attn.hook_z"], how="mean", heads=0)
+    """
+    facts = model_facts(model)
+    facts.check_layer(layer)
+    info = component_info(component)
+    d = pos_dim(component)
+    source = ablation_source(reference, how, seed=seed)
+    pos_mask = per_prompt_positions(positions, reference.shape[0], reference.shape[d], prompts)
+    mask = activation_mask(facts, component, pos_mask, heads)
+    return info.hook_name(layer), partial(replace_where, mask=mask, source=source, pos_dim=d)

@@ -1,0 +1,123 @@
+"""Which entries of an activation a hook touches: a boolean mask built from positions/heads.
+
+A selection is data: for component ``c`` the mask has ``c``'s axes with size 1 on the
+feature axis, so ``torch.where(mask, source, activation)`` patches exactly the chosen
+(prompt, position, head) entries. Positions may be ``None`` (all), an int or a list of
+ints (the same columns for every prompt), a name of the prompt set (``"S2"``: one column per
+prompt) or a per-prompt tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+from hookpatch.errors import HookpatchError
+from hookpatch.model.facts import ModelFacts, component_info
+from hookpatch.tasks.promptset import PromptSet
+
+Positions = None | int | Sequence[int] | str | Tensor
+Heads = None | int | Sequence[int]
+
+
+def per_prompt_positions(
+    positions: Positions, n_prompts: int, n_pos: int, prompts: PromptSet | None = None
+) -> Bool[Tensor, "batch pos"]:
+    """A ``[batch, pos]`` mask of the selected positions, checked against lengths and padding.
+
+    Positions that are the same for every prompt give a ``[1, pos]`` mask, which broadcasts
+    over any batch.
+    """
+    if positions is None:
+        return torch.ones(1, n_pos, dtype=torch.bool)
+    if isinstance(positions, str):
+        if prompts is None:
+            raise HookpatchError(f"position name {positions!r} needs the prompt set; pass prompts=.")
+        positions = prompts.position(positions).cpu()
+    if isinstance(positions, Tensor):
+        if positions.ndim != 1 or positions.shape[0] != n_prompts:
+            raise HookpatchError(
+                f"per-prompt positions must be a [batch={n_prompts}] tensor; got shape "
+                f"{tuple(positions.shape)}."
+            )
+        cols = positions.cpu().long()
+        _check_columns(cols, n_pos, prompts, per_prompt=True)
+        mask = torch.zeros(n_prompts, n_pos, dtype=torch.bool)
+        mask[torch.arange(n_prompts), cols] = True
+        return mask
+    cols = torch.tensor([positions] if isinstance(positions, int) else list(positions), dtype=torch.long)
+    _check_columns(cols, n_pos, prompts, per_prompt=False)
+    mask = torch.zeros(1, n_pos, dtype=torch.bool)
+    mask[:, cols] = True
+    return mask
+
+
+def _check_columns(cols: Int[Tensor, " n"], n_pos: int, prompts: PromptSet | None, per_prompt: bool) -> None:
+    bad = cols[(cols < 0) | (cols >= n_pos)]
+    if len(bad):
+        raise HookpatchError(
+            f"position {int(bad[0])} is out of range: the prompts have {n_pos} positions (0..{n_pos - 1})."
+        )
+    if prompts is not None:
+        lengths = prompts.lengths.cpu()
+        limit = lengths if per_prompt else lengths.min().expand(len(cols))
+        on_pad = cols >= limit
+        if on_pad.any():
+            col = int(cols[on_pad][0])
+            short = int((lengths <= col).nonzero()[0])
+            raise HookpatchError(
+                f"position {col} is padding in prompt {short} ({int(lengths[short])} tokens); patch "
+                "positions every prompt has, or use a named position such as 'END'."
+            )
+
+
+def head_mask(heads: Heads, n_heads: int, component: str) -> Bool[Tensor, " head"]:
+    """A mask over the component's head axis (query heads, or KV heads for k/v)."""
+    mask = torch.zeros(n_heads, dtype=torch.bool)
+    if heads is None:
+        mask[:] = True
+        return mask
+    for h in [heads] if isinstance(heads, int) else list(heads):
+        if not isinstance(h, int) or not 0 <= h < n_heads:
+            kind = "KV heads" if component_info(component).head_axis == "kv_head" else "heads"
+            raise HookpatchError(
+                f"head {h!r} is out of range for {component!r}: this model has {n_heads} {kind} "
+                f"(0..{n_heads - 1})."
+            )
+        mask[h] = True
+    return mask
+
+
+def activation_mask(
+    facts: ModelFacts,
+    component: str,
+    pos_mask: Bool[Tensor, "batch pos"],
+    heads: Heads = None,
+) -> Bool[Tensor, "..."]:
+    """The mask for ``component``'s activation (feature axis of size 1; key axis too for pattern)."""
+    info = component_info(component)
+    if info.head_axis is None:
+        if heads is not None:
+            raise HookpatchError(f"component {component!r} has no heads; drop heads= or patch 'z'.")
+        return pos_mask[:, :, None]  # [batch, pos, 1]
+    hm = head_mask(heads, facts.n_heads_of(component), component)
+    if component == "pattern":
+        return pos_mask[:, None, :, None] & hm[None, :, None, None]  # [batch, head, query_pos, 1]
+    return pos_mask[:, :, None, None] & hm[None, None, :, None]  # [batch, pos, head, 1]
+
+
+def pos_dim(component: str) -> int:
+    """The (query) position axis of ``component``'s activation."""
+    return 2 if component == "pattern" else 1
+
+
+def describe_positions(positions: Any) -> str:
+    """A short label for a positions argument."""
+    if positions is None:
+        return "all"
+    if isinstance(positions, Tensor):
+        return "per-prompt"
+    return str(positions)

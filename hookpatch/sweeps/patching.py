@@ -1,0 +1,228 @@
+"""Activation patching and ablation sweeps over layer × position × head.
+
+Thin specialisations of :func:`hookpatch.sweeps.engine.run_cells`:
+
+- :func:`patch_sweep` — ``direction="denoising"`` patches clean activations into the
+  corrupted run (the user's default); ``"noising"`` patches corrupted into clean;
+- :func:`ablation_sweep` — zero, mean or resample ablation of the clean run.
+
+Grids (``by``): ``("layer", "pos")`` for residual stream, attn_out, mlp_out and heads as a
+block; ``("layer", "head")`` for heads at all positions; ``("layer", "pos", "head")`` for
+heads by position. Heads are query heads for z/q/pattern and KV heads for k/v.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from hookpatch.errors import HookpatchError
+from hookpatch.hooks.factory import ABLATIONS, ablation_source
+from hookpatch.hooks.selection import per_prompt_positions
+from hookpatch.metrics.base import Metric
+from hookpatch.model.facts import component_info, model_facts
+from hookpatch.model.loading import require_eval
+from hookpatch.results import SweepResult
+from hookpatch.sweeps.engine import DEFAULT_BUDGET, Cell, Run, run_cells
+from hookpatch.tasks.promptset import PromptSet
+
+GRIDS = (("layer", "pos"), ("layer", "head"), ("layer", "pos", "head"), ("layer",))
+DIRECTIONS = ("denoising", "noising")
+
+
+def patch_sweep(
+    model: Any,
+    prompts: PromptSet,
+    metric: Metric | Callable[[Tensor], Tensor],
+    component: str = "resid_pre",
+    *,
+    by: Sequence[str] = ("layer", "pos"),
+    direction: str = "denoising",
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int | str] | None = None,
+    heads: Sequence[int] | None = None,
+    memory_budget: int = DEFAULT_BUDGET,
+    fast: bool | None = None,
+    progress: bool = True,
+) -> SweepResult:
+    """Activation patching of ``component`` over a grid, one result per cell and prompt.
+
+    Example:
+        >>> res = patch_sweep(model, prompts, LogitDiff(prompts), "resid_pre")        # layer × pos
+        >>> res = patch_sweep(model, prompts, metric, "z", by=("layer", "head"))       # heads
+        >>> res = patch_sweep(model, prompts, metric, "z", by=("layer", "pos", "head"))
+
+    Args:
+        model: a TransformerBridge in eval mode.
+        prompts: the clean/corrupted prompt set.
+        metric: a :class:`Metric` (or a callable ``logits[..., batch, pos, vocab] → [..., batch]``).
+        component: resid_pre/mid/post, attn_out, mlp_out, z, q, k, v, pattern.
+        by: the grid axes, one of ``GRIDS``.
+        direction: ``"denoising"`` (clean → corrupted run) or ``"noising"`` (corrupted → clean).
+        layers, heads: restrict the grid (default: all).
+        positions: restrict the pos axis: column indices or names of the prompt set ("S2").
+        memory_budget: bytes one stacked forward may use; decides the chunk size only.
+        fast: use the direct block runner (default: when the model family supports it).
+        progress: show a progress bar over chunks.
+
+    Returns:
+        A :class:`SweepResult` with ``values[*grid, batch]``.
+    """
+    if direction not in DIRECTIONS:
+        raise HookpatchError(f"unknown direction {direction!r}; expected one of {DIRECTIONS}.")
+    ctx = _Context.build(model, prompts, component, by, layers, positions, heads, fast)
+    run_tokens, source_cache = (
+        (prompts.corrupted_tokens, ctx.clean_cache) if direction == "denoising" else (prompts.clean_tokens, ctx.corrupted_cache)
+    )
+    run_cache = ctx.corrupted_cache if direction == "denoising" else ctx.clean_cache
+    hook = component_info(component).hook_name
+    run = Run(run_tokens, run_cache, lambda layer: source_cache[hook(layer)])
+    return ctx.sweep(run, metric, memory_budget, progress, {"direction": direction, "method": "patch"})
+
+
+def ablation_sweep(
+    model: Any,
+    prompts: PromptSet,
+    metric: Metric | Callable[[Tensor], Tensor],
+    component: str = "z",
+    *,
+    how: str = "zero",
+    by: Sequence[str] = ("layer", "head"),
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int | str] | None = None,
+    heads: Sequence[int] | None = None,
+    seed: int = 0,
+    memory_budget: int = DEFAULT_BUDGET,
+    fast: bool | None = None,
+    progress: bool = True,
+) -> SweepResult:
+    """Ablate ``component`` in the clean run over a grid: ``how`` is zero, mean or resample.
+
+    Mean ablation writes the mean over the prompt set's clean runs; resample writes another
+    prompt's activation (a seeded derangement). Example:
+
+        >>> res = ablation_sweep(model, prompts, AnswerLoss(prompts), "z", how="mean")   # layer × head
+    """
+    if how not in ABLATIONS:
+        raise HookpatchError(f"unknown ablation {how!r}; expected one of {ABLATIONS}.")
+    ctx = _Context.build(model, prompts, component, by, layers, positions, heads, fast)
+    hook = component_info(component).hook_name
+    run = Run(
+        prompts.clean_tokens,
+        ctx.clean_cache,
+        lambda layer: ablation_source(ctx.clean_cache[hook(layer)], how, seed=seed),
+    )
+    return ctx.sweep(run, metric, memory_budget, progress, {"method": how, "ablation": how, "seed": seed})
+
+
+def _fast_runner_class() -> Any:
+    """The fast block runner's class, or None where it is not installed."""
+    try:
+        from hookpatch.sweeps.fastpath import FastForward
+    except ImportError:
+        return None
+    return FastForward
+
+
+class _Context:
+    """Checked inputs of a sweep, its cells, labels and the two cached runs."""
+
+    def __init__(self, **kw: Any) -> None:
+        self.__dict__.update(kw)
+
+    @classmethod
+    def build(cls, model, prompts, component, by, layers, positions, heads, fast) -> "_Context":
+        require_eval(model)
+        facts = model_facts(model)
+        info = component_info(component)
+        by = tuple(by)
+        if by not in GRIDS:
+            raise HookpatchError(f"unknown grid by={by}; expected one of {GRIDS}.")
+        if "head" in by and info.head_axis is None:
+            raise HookpatchError(
+                f"component {component!r} has no heads; a grid by head needs z, q, k, v or pattern."
+            )
+        if prompts.clean_tokens.shape != prompts.corrupted_tokens.shape:
+            raise HookpatchError(
+                f"clean tokens {tuple(prompts.clean_tokens.shape)} and corrupted tokens "
+                f"{tuple(prompts.corrupted_tokens.shape)} differ in shape; build the prompt set "
+                "with make_prompt_set, which pairs prompts of equal length."
+            )
+        layer_list = [facts.check_layer(l) for l in (range(facts.n_layers) if layers is None else layers)]
+        head_list = None
+        if "head" in by:
+            head_list = [facts.check_head(component, h) for h in (range(facts.n_heads_of(component)) if heads is None else heads)]
+        elif heads is not None:
+            raise HookpatchError(f"heads= restricts a grid by head; by={by} has no head axis.")
+        pos_list: list = []
+        if "pos" in by:
+            pos_list = list(range(prompts.n_pos)) if positions is None else list(positions)
+            for p in pos_list:  # raises on out-of-range, padding and unknown names
+                per_prompt_positions(p, len(prompts), prompts.n_pos, prompts)
+        elif positions is not None:
+            raise HookpatchError(f"positions= restricts a grid by pos; by={by} has no pos axis.")
+        if fast is None or fast:
+            FastForward = _fast_runner_class()
+            if FastForward is not None and FastForward.supports(model):
+                runner = FastForward(model)
+            elif fast:
+                raise HookpatchError("fast=True but this model's family has no fast path; pass fast=None.")
+            else:
+                runner = None
+        else:
+            runner = None
+        axes_values = [layer_list] + ([pos_list] if "pos" in by else []) + ([head_list] if "head" in by else [])
+        cells = []
+        for combo in itertools.product(*axes_values):
+            parts = dict(zip(by, combo))
+            cells.append(Cell(parts["layer"], parts.get("pos"), parts.get("head")))
+        labels = {"layer": tuple(str(l) for l in layer_list)}
+        if "pos" in by:
+            all_labels = prompts.position_labels()
+            labels["pos"] = tuple(p if isinstance(p, str) else all_labels[p] for p in pos_list)
+        if "head" in by:
+            prefix = "KV" if info.head_axis == "kv_head" else "H"
+            labels["head"] = tuple(f"{prefix}{h}" for h in head_list)
+        with torch.no_grad():
+            clean_logits, clean_cache = model.run_with_cache(prompts.clean_tokens)
+            corrupted_logits, corrupted_cache = model.run_with_cache(prompts.corrupted_tokens)
+        return cls(
+            model=model, facts=facts, prompts=prompts, component=component, by=by, cells=cells,
+            labels=labels, fast=runner, clean_cache=clean_cache, corrupted_cache=corrupted_cache,
+            clean_logits=clean_logits, corrupted_logits=corrupted_logits,
+            grid=tuple(len(v) for v in axes_values),
+        )
+
+    def sweep(self, run: Run, metric, memory_budget: int, progress: bool, info: dict) -> SweepResult:
+        values = run_cells(
+            self.model, self.facts, self.prompts, self.component, self.cells, run, metric,
+            memory_budget=memory_budget, fast=self.fast, progress=progress,
+            desc=f"{info['method']} {self.component}",
+        )
+        with torch.no_grad():
+            clean = metric(self.clean_logits).detach().float().cpu()
+            corrupted = metric(self.corrupted_logits).detach().float().cpu()
+        describe = metric.describe() if isinstance(metric, Metric) else {"name": getattr(metric, "__name__", "metric")}
+        extra = {}
+        if self.facts.grouped_query and self.component in ("k", "v"):
+            extra["kv_head_feeds"] = {
+                f"KV{k}": [f"H{h}" for h in self.facts.query_heads_of_kv_head(k)] for k in range(self.facts.n_kv_heads)
+            }
+        return SweepResult(
+            values=values.reshape(*self.grid, len(self.prompts)),
+            axes=self.by,
+            labels=self.labels,
+            clean=clean,
+            corrupted=corrupted,
+            info={
+                "component": self.component,
+                "metric": describe,
+                "task": self.prompts.task,
+                "runner": "fast" if self.fast is not None else "bridge",
+                **extra,
+                **info,
+            },
+        )
