@@ -16,6 +16,9 @@ from hookpatch.model.facts import model_facts as model_facts
 from hookpatch.model.loading import load_model as load_model
 from hookpatch.model.tiny import tiny_model as tiny_model
 from hookpatch.readouts.predictions import predictions as predictions
+from hookpatch.results import SweepResult as SweepResult
+from hookpatch.sweeps import ablation_sweep as ablation_sweep
+from hookpatch.sweeps import patch_sweep as patch_sweep
 from hookpatch.tasks.ioi import ioi_prompts as ioi_prompts
 from hookpatch.tasks.promptset import PromptSet as PromptSet
 from hookpatch.tasks.promptset import make_prompt_set as make_prompt_set
@@ -30,11 +33,14 @@ __all__ = [
     "Metric",
     "Normalized",
     "PromptSet",
+    "SweepResult",
+    "ablation_sweep",
     "evaluate",
     "ioi_prompts",
     "load_model",
     "make_prompt_set",
     "model_facts",
+    "patch_sweep",
     "predictions",
     "pronoun_prompts",
     "tiny_model",
