@@ -167,7 +167,7 @@ class _Context:
         if fast is None or fast:
             FastForward = _fast_runner_class()
             if FastForward is not None and FastForward.supports(model):
-                runner = FastForward(model)
+                runner = FastForward(model, resid_mid_edits_residual=True)
             elif fast:
                 raise HookpatchError("fast=True but this model's family has no fast path; pass fast=None.")
             else:

@@ -1,0 +1,110 @@
+"""Pure tensor operations of the fast path, in the bridge's exact order of operations.
+
+Each function mirrors one step of TransformerBridge's compatibility-mode forward (see
+:mod:`hookpatch.sweeps.fastpath`), including where it upcasts to float32, so that the fast
+path agrees with the bridge to float rounding. Nothing here holds state or fires hooks.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+
+def python_layer_norm(
+    x: Float[Tensor, "*rows d_model"],
+    *,
+    eps: float,
+    center: bool,
+    weight: Float[Tensor, " d_model"] | None,
+    bias: Float[Tensor, " d_model"] | None,
+) -> Float[Tensor, "*rows d_model"]:
+    """The bridge's from-scratch norm: ``(x - mean) / sqrt(mean(x^2) + eps) * w + b`` in float32.
+
+    ``center=False`` is RMS normalization. A ``None`` weight or bias is an exact identity
+    (the bridge multiplies by ones / adds zeros after folding, which changes no bits).
+    """
+    dtype = x.dtype
+    h = x if dtype in (torch.float32, torch.float64) else x.float()
+    if center:
+        h = h - h.mean(-1, keepdim=True)
+    scale = (h.pow(2).mean(-1, keepdim=True) + eps).sqrt()  # [*rows, 1]
+    h = h / scale
+    if weight is not None:
+        h = h * weight
+    if bias is not None:
+        h = h + bias
+    return h.to(dtype)
+
+
+def rotate_half(x: Float[Tensor, "*rest d_head"]) -> Float[Tensor, "*rest d_head"]:
+    """HF's ``rotate_half``: ``[x1, x2] -> [-x2, x1]`` over the last axis."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(
+    x: Float[Tensor, "batch pos heads d_head"],
+    cos: Float[Tensor, "*#lead pos d_head"],
+    sin: Float[Tensor, "*#lead pos d_head"],
+) -> Float[Tensor, "batch pos heads d_head"]:
+    """HF's rotate-half rotary embedding, ``x * cos + rotate_half(x) * sin``, per head."""
+    cos = cos.unsqueeze(-2)  # [(batch,) pos, 1, d_head]
+    sin = sin.unsqueeze(-2)
+    return (x * cos) + (rotate_half(x) * sin)
+
+
+def causal_mask(
+    query_pos: Int[Tensor, "*#lead pos"], n_keys: int
+) -> Bool[Tensor, "*#lead 1 pos key_pos"]:
+    """True where a query at absolute position ``query_pos`` may attend key ``0..n_keys-1``."""
+    keys = torch.arange(n_keys, device=query_pos.device)
+    return (keys <= query_pos.unsqueeze(-1)).unsqueeze(-3)
+
+
+def attention_scores(
+    q: Float[Tensor, "batch pos head d_head"],
+    k: Float[Tensor, "batch key_pos kv_head d_head"],
+    mask: Bool[Tensor, "*#lead #head pos key_pos"],
+    scale: float,
+) -> Float[Tensor, "batch head pos key_pos"]:
+    """Masked ``q.k * scale``; grouped-query heads share K through a reshape, never a copy of K.
+
+    Query head ``h`` reads KV head ``h // (n_heads // n_kv_heads)``, as HF's ``repeat_kv``.
+    """
+    b, p, n_heads, d_head = q.shape
+    n_kv = k.shape[2]
+    q_g = q.transpose(1, 2).reshape(b, n_kv, (n_heads // n_kv) * p, d_head)  # [b, kv, g*p, d]
+    scores = torch.matmul(q_g, k.permute(0, 2, 3, 1))  # [b, kv, g*p, key_pos]
+    scores = scores.view(b, n_heads, p, k.shape[1]) * scale
+    return scores.masked_fill(~mask, float("-inf"))
+
+
+def attention_pattern(
+    scores: Float[Tensor, "batch head pos key_pos"], *, float32_softmax: bool
+) -> Float[Tensor, "batch head pos key_pos"]:
+    """Softmax over keys (optionally in float32, cast back), as the bridge's attention does."""
+    if float32_softmax:
+        return torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
+    return torch.softmax(scores, dim=-1)
+
+
+def mix_values(
+    pattern: Float[Tensor, "batch head pos key_pos"],
+    v: Float[Tensor, "batch key_pos kv_head d_head"],
+) -> Float[Tensor, "batch pos head d_head"]:
+    """``z = pattern @ v`` per head, grouped-query heads sharing V without copying it."""
+    b, n_heads, p, n_keys = pattern.shape
+    n_kv = v.shape[2]
+    pat_g = pattern.reshape(b, n_kv, (n_heads // n_kv) * p, n_keys)  # [b, kv, g*p, key_pos]
+    z = torch.matmul(pat_g.to(v.dtype), v.transpose(1, 2))  # [b, kv, g*p, d_head]
+    return z.view(b, n_heads, p, v.shape[-1]).transpose(1, 2)
+
+
+def gather_rows(
+    x: Float[Tensor, "batch pos *rest"], index: Int[Tensor, "batch n_read"]
+) -> Float[Tensor, "batch n_read *rest"]:
+    """``x[i, index[i, j]]`` for every row ``i`` and read ``j``."""
+    rows = torch.arange(x.shape[0], device=x.device).unsqueeze(-1)  # [batch, 1]
+    return x[rows, index]

@@ -1,0 +1,268 @@
+"""FastForward against the bridge itself: logits, every hook point, edits, prefixes, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hookpatch.errors import HookpatchError
+from hookpatch.model.tiny import tiny_model
+from hookpatch.sweeps.fastpath import (
+    BLOCK_POINTS,
+    GATED_POINTS,
+    ROTARY_POINTS,
+    FastForward,
+    prefix_kv_from_cache,
+)
+
+ATOL = 1e-4
+BATCH, SEQ = 3, 12
+
+
+def tokens_for(model, seed=0, shared_prefix=0):
+    """Random token rows (ids >= 2: no BOS/UNK); the first ``shared_prefix`` equal across rows."""
+    g = torch.Generator().manual_seed(seed)
+    toks = torch.randint(2, model.cfg.d_vocab, (BATCH, SEQ), generator=g)
+    toks[:, :shared_prefix] = toks[0, :shared_prefix]
+    return toks
+
+
+def hook_names(model, fast):
+    points = BLOCK_POINTS + (ROTARY_POINTS if fast.rotary else ())
+    points += GATED_POINTS if model.cfg.gated_mlp else ()
+    return [f"blocks.{l}.{p}" for l in range(model.cfg.n_layers) for p in points]
+
+
+def recorder(store):
+    def record(x, hook):
+        assert hook.layer() == int(hook.name.split(".")[1])
+        store[hook.name] = x.detach().clone()
+        return x
+
+    return record
+
+
+def resid_at(cache, model, start):
+    last = model.cfg.n_layers - 1
+    return cache[f"blocks.{start}.hook_resid_pre"] if start <= last else cache[f"blocks.{last}.hook_resid_post"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls run fastest on one thread (and do not spin against other processes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+_CLEAN: dict = {}
+
+
+def clean_run(model, seed, shared_prefix=0):
+    """``run_with_cache`` of :func:`tokens_for`'s tokens, memoized per model and tokens."""
+    key = (id(model), seed, shared_prefix)
+    if key not in _CLEAN:
+        toks = tokens_for(model, seed, shared_prefix)
+        with torch.no_grad():
+            _CLEAN[key] = (toks, *model.run_with_cache(toks))
+    return _CLEAN[key]
+
+
+def perturb(model, g):
+    """Random biases on every projection (adding Qwen2-style q/k/v biases where absent) and
+    random norm weights and biases, in place."""
+    noise = lambda t, base=0.0: t.copy_(base + 0.2 * torch.randn(t.shape, generator=g))  # noqa: E731
+    for block in model.blocks:
+        mlp = block.mlp
+        projs = [block.attn.q, block.attn.k, block.attn.v, block.attn.o, getattr(mlp, "in"), mlp.out]
+        for proj in projs + ([mlp.gate] if hasattr(mlp, "gate") else []):
+            module = proj.original_component
+            if module.bias is None:
+                module.bias = torch.nn.Parameter(torch.empty(module.weight.shape[0]))
+            noise(module.bias)
+    for norm in [b.ln1 for b in model.blocks] + [b.ln2 for b in model.blocks] + [model.ln_final]:
+        noise(norm.original_component.weight, 1.0)
+        if getattr(norm.original_component, "bias", None) is not None:
+            noise(norm.original_component.bias)
+    noise(model.unembed.original_component.bias)
+
+
+@pytest.fixture(scope="module")
+def perturbed_models():
+    """Fresh models with nonzero biases and non-trivial norm weights (the fixtures' are 0 / 1)."""
+    models = {
+        "gpt2": tiny_model("gpt2", n_layers=2, d_model=64, n_heads=4, d_mlp=128, seed=1),
+        "llama": tiny_model("llama", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_mlp=128, seed=1),
+    }
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for model in models.values():
+            perturb(model, g)
+    return models
+
+
+@pytest.fixture(params=["fixture", "perturbed"])
+def any_model(request, model, perturbed_models):
+    """Each family as built, and with random biases and norm weights."""
+    if request.param == "fixture":
+        return model
+    return perturbed_models["llama" if model.cfg.positional_embedding_type == "rotary" else "gpt2"]
+
+
+@torch.no_grad()
+def test_logits_match_bridge_from_every_start(any_model):
+    model = any_model
+    _, logits, cache = clean_run(model, seed=0)
+    fast = FastForward(model)
+    read_pos = torch.tensor([SEQ - 1, 4, 0])
+    for start in range(model.cfg.n_layers + 1):
+        resid = resid_at(cache, model, start)
+        torch.testing.assert_close(fast.run(resid, start), logits, atol=ATOL, rtol=0)
+        read = fast.run(resid, start, read_pos=read_pos)
+        assert read.shape == (BATCH, 1, model.cfg.d_vocab)
+        torch.testing.assert_close(read[:, 0], logits[torch.arange(BATCH), read_pos], atol=ATOL, rtol=0)
+        several = fast.run(resid, start, read_pos=torch.tensor([[1, 7]] * BATCH))
+        torch.testing.assert_close(several, logits[:, [1, 7]], atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_every_hook_point_matches_run_with_cache(any_model):
+    model = any_model
+    _, _, cache = clean_run(model, seed=0)
+    fast = FastForward(model)
+    names = hook_names(model, fast)
+    seen = {}
+    fast.run(cache["blocks.0.hook_resid_pre"], 0, hooks={n: recorder(seen) for n in names})
+    assert sorted(seen) == sorted(names)
+    for name in names:
+        assert seen[name].shape == cache[name].shape, name
+        torch.testing.assert_close(seen[name], cache[name], atol=ATOL, rtol=0, msg=name)
+
+
+def head_slice(index, dim, fn):
+    """A hook that applies ``fn`` to one slice of the activation, out of place."""
+
+    def hook(x, hook):
+        out = x.clone()
+        out.select(dim, index).copy_(fn(x.select(dim, index)))
+        return out
+
+    return hook
+
+
+EDITS = {
+    "zero z head 1": ("blocks.1.attn.hook_z", head_slice(1, 2, torch.zeros_like)),
+    "replace v kv-head 0": ("blocks.0.attn.hook_v", head_slice(0, 2, lambda v: v.flip(1) + 0.5)),
+    "scale pattern": ("blocks.0.attn.hook_pattern", lambda p, hook: p * 0.5),
+    "add to resid_mid": ("blocks.0.hook_resid_mid", lambda x, hook: x + 0.7),
+    "shift q": ("blocks.1.attn.hook_q", lambda q, hook: q + 0.3),
+    "shift pre-rotary k": ("blocks.1.attn.hook_k", lambda k, hook: k * 2.0),
+    "neuron 3 off": ("blocks.0.mlp.hook_post", head_slice(3, 2, torch.zeros_like)),
+    "zero attn_out": ("blocks.0.hook_attn_out", lambda x, hook: x * 0.0),
+    "scale mlp_out": ("blocks.1.hook_mlp_out", lambda x, hook: x * 3.0),
+    "edit resid_post": ("blocks.1.hook_resid_post", lambda x, hook: x.roll(1, dims=1)),
+}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("edit", sorted(EDITS))
+def test_editing_hooks_match_run_with_hooks(model, edit):
+    name, fn = EDITS[edit]
+    toks, _, cache = clean_run(model, seed=2)
+    expected = model.run_with_hooks(toks, fwd_hooks=[(name, fn)])
+    fast = FastForward(model)
+    layer = int(name.split(".")[1])
+    read_pos = torch.tensor([11, 3, 6])
+    for start in sorted({0, layer}):
+        resid = cache[f"blocks.{start}.hook_resid_pre"]
+        torch.testing.assert_close(fast.run(resid, start, hooks={name: fn}), expected, atol=ATOL, rtol=0)
+        read = fast.run(resid, start, hooks={name: fn}, read_pos=read_pos)
+        torch.testing.assert_close(read[:, 0], expected[torch.arange(BATCH), read_pos], atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_resid_mid_edit_reaches_residual_on_request(model):
+    """Default: the bridge's ln2.hook_in semantics; on request: HookedTransformer's."""
+    _, _, cache = clean_run(model, seed=2)
+    seen = {}
+    hooks = {"blocks.0.hook_resid_mid": lambda x, hook: x + 1.0}
+    hooks |= {f"blocks.0.{p}": recorder(seen) for p in ("hook_mlp_out", "hook_resid_post")}
+    for carries, shift in ((False, 0.0), (True, 1.0)):
+        fast = FastForward(model, resid_mid_edits_residual=carries)
+        fast.run(cache["blocks.0.hook_resid_pre"], 0, hooks=hooks)
+        residual = seen["blocks.0.hook_resid_post"] - seen["blocks.0.hook_mlp_out"]
+        torch.testing.assert_close(residual, cache["blocks.0.hook_resid_mid"] + shift, atol=ATOL, rtol=0)
+
+
+def later_than(p0, fn):
+    """Apply ``fn`` only at absolute positions >= p0 (positions axis 1), via ``hook.pos_offset``."""
+
+    def hook(x, hook):
+        pos = getattr(hook, "pos_offset", 0) + torch.arange(x.shape[1])
+        keep = (pos < p0).view(1, -1, *([1] * (x.ndim - 2)))
+        return torch.where(keep, x, fn(x))
+
+    return hook
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("p0", [1, 5, SEQ - 1])
+def test_prefix_kv_matches_full_run(model, p0):
+    toks, logits, cache = clean_run(model, seed=4, shared_prefix=p0)
+    fast = FastForward(model)
+    last = model.cfg.n_layers - 1
+    edit = later_than(p0, lambda v: v * -1.5)  # confined to positions >= p0
+    edited = model.run_with_hooks(toks, fwd_hooks=[(f"blocks.{last}.attn.hook_v", edit)])
+    for start in range(model.cfg.n_layers):
+        prefix = prefix_kv_from_cache(cache, start, p0, model)
+        resid = cache[f"blocks.{start}.hook_resid_pre"][:, p0:]
+        names = [n for n in hook_names(model, fast) if int(n.split(".")[1]) >= start]
+        seen = {}
+        hooks = {n: recorder(seen) for n in names}
+        got = fast.run(resid, start, offset=p0, prefix_kv=prefix, hooks=hooks)
+        torch.testing.assert_close(got, logits[:, p0:], atol=ATOL, rtol=0)
+        for name in names:
+            pattern_like = name.endswith(("hook_pattern", "hook_attn_scores"))
+            want = cache[name][:, :, p0:] if pattern_like else cache[name][:, p0:]
+            torch.testing.assert_close(seen[name], want, atol=ATOL, rtol=0, msg=name)
+
+        # The rows share their first p0 tokens, so a one-row prefix broadcasts.
+        shared = [(k[:1], v[:1]) for k, v in prefix]
+        read_pos = torch.tensor([SEQ - 1, p0, SEQ - 1])
+        hooks = {f"blocks.{last}.attn.hook_v": edit}
+        got = fast.run(resid, start, offset=p0, prefix_kv=shared, hooks=hooks, read_pos=read_pos)
+        torch.testing.assert_close(got[:, 0], edited[torch.arange(BATCH), read_pos], atol=ATOL, rtol=0)
+
+
+def test_supports_both_families_and_refuses_others(gpt2_model, llama_model, monkeypatch):
+    assert FastForward.supports(gpt2_model) and FastForward.supports(llama_model)
+    assert not FastForward.supports(object())
+    with pytest.raises(HookpatchError, match="not a TransformerBridge"):
+        FastForward(object())
+    monkeypatch.setattr(gpt2_model.cfg, "output_logits_soft_cap", 30.0)
+    assert not FastForward.supports(gpt2_model)
+    with pytest.raises(HookpatchError, match="soft-capped"):
+        FastForward(gpt2_model)
+    monkeypatch.undo()
+    monkeypatch.setattr(llama_model.cfg, "use_attn_result", True)
+    with pytest.raises(HookpatchError, match="use_attn_result"):
+        FastForward(llama_model)
+
+
+@torch.no_grad()
+def test_bad_arguments_are_refused(llama_model):
+    fast = FastForward(llama_model)
+    resid = torch.zeros(BATCH, SEQ, llama_model.cfg.d_model)
+    with pytest.raises(HookpatchError, match="not a hook point"):
+        fast.run(resid, 0, hooks={"blocks.0.hook_resid_pre_typo": lambda x, h: x})
+    with pytest.raises(HookpatchError, match="before start"):
+        fast.run(resid, 1, hooks={"blocks.0.hook_resid_post": lambda x, h: x})
+    with pytest.raises(HookpatchError, match="needs prefix_kv"):
+        fast.run(resid, 0, offset=2)
+    with pytest.raises(HookpatchError, match="read_pos"):
+        fast.run(resid, 0, read_pos=torch.tensor([SEQ, 0, 0]))
+    with pytest.raises(HookpatchError, match="same shape"):
+        fast.run(resid, 0, hooks={"blocks.0.attn.hook_z": lambda z, h: z.sum(2)})
+    with pytest.raises(HookpatchError, match="the cache lacks"):
+        prefix_kv_from_cache({}, 0, 2, llama_model)
