@@ -4,6 +4,8 @@ Data flow: prompt set → model run and cache → metric → hooks → sweeps / 
 attribution → results with labels → views → report.
 """
 
+from hookpatch.attribution import attribution_sweep as attribution_sweep
+from hookpatch.attribution import compare as compare
 from hookpatch.errors import HookpatchError as HookpatchError
 from hookpatch.metrics import AnswerLoss as AnswerLoss
 from hookpatch.metrics import AnswerProbability as AnswerProbability
@@ -15,7 +17,11 @@ from hookpatch.metrics import evaluate as evaluate
 from hookpatch.model.facts import model_facts as model_facts
 from hookpatch.model.loading import load_model as load_model
 from hookpatch.model.tiny import tiny_model as tiny_model
-from hookpatch.readouts.predictions import predictions as predictions
+from hookpatch.readouts import dla_by_component as dla_by_component
+from hookpatch.readouts import dla_by_head as dla_by_head
+from hookpatch.readouts import logit_lens as logit_lens
+from hookpatch.readouts import predictions as predictions
+from hookpatch.readouts import rank_heads as rank_heads
 from hookpatch.results import SweepResult as SweepResult
 from hookpatch.sweeps import ablation_sweep as ablation_sweep
 from hookpatch.sweeps import patch_sweep as patch_sweep
@@ -35,13 +41,19 @@ __all__ = [
     "PromptSet",
     "SweepResult",
     "ablation_sweep",
+    "attribution_sweep",
+    "compare",
+    "dla_by_component",
+    "dla_by_head",
     "evaluate",
     "ioi_prompts",
     "load_model",
+    "logit_lens",
     "make_prompt_set",
     "model_facts",
     "patch_sweep",
     "predictions",
     "pronoun_prompts",
+    "rank_heads",
     "tiny_model",
 ]

@@ -29,7 +29,8 @@ class SweepResult:
         values: ``[*grid, batch]`` metric after each patch/ablation, per prompt.
         axes: names of the grid axes, e.g. ``("layer", "pos")`` or ``("layer", "head")``.
         labels: axis name → one label per index along that axis.
-        clean, corrupted: ``[batch]`` metric on the unpatched clean and corrupted runs.
+        clean, corrupted: ``[batch]`` metric on the unpatched clean and corrupted runs (a
+            readout of one run keeps that run's metric in ``clean`` and no ``corrupted``).
         info: what was done: component, direction or ablation, metric description, ...
     """
 
@@ -37,7 +38,7 @@ class SweepResult:
     axes: tuple[str, ...]
     labels: Mapping[str, tuple[str, ...]]
     clean: Float[Tensor, " batch"]
-    corrupted: Float[Tensor, " batch"]
+    corrupted: Float[Tensor, " batch"] | None = None
     info: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -90,7 +91,7 @@ class SweepResult:
                 "axes": list(self.axes),
                 "labels": {k: list(v) for k, v in self.labels.items()},
                 "clean": self.clean.detach().cpu(),
-                "corrupted": self.corrupted.detach().cpu(),
+                "corrupted": None if self.corrupted is None else self.corrupted.detach().cpu(),
                 "info": dict(self.info),
                 "kind": "hookpatch.SweepResult",
             },

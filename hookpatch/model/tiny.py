@@ -98,15 +98,23 @@ def write_tiny_checkpoint(
     n_kv_heads: int = 2,
     d_mlp: int = 128,
     n_ctx: int = 64,
+    vocab_size: int | None = None,
+    init_std: float | None = 0.2,
     seed: int = 0,
 ) -> Path:
-    """Save a random ``family`` model and its tokenizer as a HuggingFace checkpoint."""
+    """Save a random ``family`` model and its tokenizer as a HuggingFace checkpoint.
+
+    ``vocab_size`` widens the embedding beyond the tokenizer (e.g. 50257 for a model with
+    GPT-2 small's FLOPs); the extra ids are never produced by the tokenizer. Matrices are
+    drawn with std ``init_std`` (larger than HF's 0.02, so a small random model makes sharp
+    choices); ``None`` keeps HuggingFace's initialisation.
+    """
     import transformers
 
     if tokenizer not in ("word", "bpe"):
         raise HookpatchError(f"unknown tokenizer kind {tokenizer!r}; expected 'word' or 'bpe'.")
     tok = word_level_tokenizer() if tokenizer == "word" else byte_bpe_tokenizer()
-    common = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    common = dict(vocab_size=max(len(tok), vocab_size or 0), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     if family == "gpt2":
         config = transformers.GPT2Config(
             n_positions=n_ctx, n_embd=d_model, n_layer=n_layers, n_head=n_heads,
@@ -126,10 +134,11 @@ def write_tiny_checkpoint(
         raise HookpatchError(f"unknown family {family!r}; expected 'gpt2' or 'llama'.")
     torch.manual_seed(seed)
     model = model_cls(config)
-    with torch.no_grad():  # larger weights than HF's init, so random models make sharp choices
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0.0, 0.2)
+    if init_std is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.ndim == 2:
+                    p.normal_(0.0, init_std)
     directory = Path(directory)
     model.save_pretrained(directory)
     tok.save_pretrained(directory)

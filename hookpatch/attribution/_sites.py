@@ -1,0 +1,304 @@
+"""Gradient × difference at named hook points: the engine under attribution patching.
+
+:func:`site_attributions` works on raw TransformerLens hook names and returns one
+element-wise attribution tensor per site, shaped like the hooked activation (batch first).
+The grid functions in :mod:`hookpatch.attribution.atp` reduce these onto layer × pos × head.
+
+How gradients are taken on a TransformerBridge: a forward hook returns ``act + delta``
+with ``delta`` a zero leaf tensor that requires grad, and the backward is driven with
+:func:`torch.autograd.grad` on the deltas only. The gradient with respect to ``delta`` is
+the total derivative of the metric with respect to the activation (every downstream site
+stays a function of it, since adding zeros cuts nothing). This sidesteps the bridge's
+reshaped hook views (``retain_grad`` on the tensor a hook sees is inert at ``hook_z``,
+``hook_q/k/v``), leaves no ``.grad`` on any parameter and does not touch their
+``requires_grad``. Hooks are added through ``model.hooks``, which removes them in a
+``finally`` block.
+
+Cost: plain attribution (``steps=1``) is one no-grad forward on the target run and one
+forward + backward on the base run, whatever the number of sites. Integrated gradients
+with ``steps=N`` add one no-grad base forward, then for every site ``ceil(N /
+steps_per_pass)`` forward + backward passes over ``steps_per_pass × batch`` rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from hookpatch.errors import HookpatchError
+from hookpatch.metrics.base import Metric
+from hookpatch.model.loading import require_eval
+from hookpatch.tasks.promptset import PromptSet
+
+DIRECTIONS = ("denoising", "noising")
+MetricLike = Metric | Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class SiteAttributions:
+    """Element-wise attributions per hook point, and the metric on both unpatched runs.
+
+    Attributes:
+        attributions: hook name → ``mean gradient × (target − base)`` shaped like the hooked
+            activation (``[batch, ...]``, float32); summing it over any set of entries gives
+            the linear estimate of patching those entries.
+        base, target: ``[batch]`` metric on the run that is patched (corrupted when
+            denoising) and on the run the patch comes from (clean when denoising).
+        direction: ``"denoising"`` or ``"noising"``.
+        steps: interpolation points (1 = plain attribution patching).
+    """
+
+    attributions: Mapping[str, Float[Tensor, "batch ..."]]
+    base: Float[Tensor, " batch"]
+    target: Float[Tensor, " batch"]
+    direction: str
+    steps: int
+
+
+def check_options(direction: str, steps: int, steps_per_pass: int) -> None:
+    """Raise on an unknown direction or a non-positive step count."""
+    if direction not in DIRECTIONS:
+        raise HookpatchError(f"unknown direction {direction!r}; expected one of {DIRECTIONS}.")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise HookpatchError(
+            f"steps={steps!r} must be a positive integer: the number of interpolation points "
+            "(1 = plain attribution patching, 16-64 for integrated gradients)."
+        )
+    if isinstance(steps_per_pass, bool) or not isinstance(steps_per_pass, int) or steps_per_pass < 1:
+        raise HookpatchError(
+            f"steps_per_pass={steps_per_pass!r} must be a positive integer: how many interpolation "
+            "points one forward stacks along the batch (lower it to save memory)."
+        )
+
+
+def site_attributions(
+    model: Any,
+    prompts: PromptSet,
+    metric: MetricLike,
+    hook_names: Sequence[str],
+    *,
+    direction: str = "denoising",
+    steps: int = 1,
+    steps_per_pass: int = 8,
+    progress: bool = True,
+) -> SiteAttributions:
+    """Gradient × (target − base) at each hook point in ``hook_names``, per prompt.
+
+    Example:
+        >>> sa = site_attributions(model, prompts, LogitDiff(prompts), ["blocks.1.hook_resid_pre"])
+        >>> sa.attributions["blocks.1.hook_resid_pre"].sum(-1)     # [batch, pos]
+
+    Args:
+        model: a TransformerBridge in eval mode.
+        prompts: the clean/corrupted prompt set.
+        metric: a differentiable :class:`Metric` (or callable ``logits → [..., batch]``).
+        hook_names: TransformerLens hook names, each firing once per forward.
+        direction: ``"denoising"`` (gradient on the corrupted run, times clean − corrupted) or
+            ``"noising"`` (gradient on the clean run, times corrupted − clean).
+        steps: 1 for attribution patching; N > 1 for integrated gradients with the left
+            Riemann points ``alpha = k/N``, ``k = 0..N-1``, interpolating one site at a time
+            (see :mod:`hookpatch.attribution.atp`).
+        steps_per_pass: interpolation points stacked into one forward (IG only).
+        progress: show a progress bar over IG passes.
+    """
+    check_options(direction, steps, steps_per_pass)
+    require_eval(model)
+    if torch.is_inference_mode_enabled():
+        raise HookpatchError(
+            "attribution needs autograd but torch.inference_mode() is on; call it outside "
+            "inference mode (torch.no_grad() is fine: gradients are enabled locally)."
+        )
+    names = list(dict.fromkeys(hook_names))
+    if not names:
+        raise HookpatchError("hook_names is empty; pass at least one hook point.")
+    for name in names:
+        if name not in model.hook_dict:
+            raise HookpatchError(
+                f"hook point {name!r} does not exist on this model; use a name from "
+                "model.hook_dict (e.g. 'blocks.0.hook_resid_pre')."
+            )
+    if prompts.clean_tokens.shape != prompts.corrupted_tokens.shape:
+        raise HookpatchError(
+            f"clean tokens {tuple(prompts.clean_tokens.shape)} and corrupted tokens "
+            f"{tuple(prompts.corrupted_tokens.shape)} differ in shape; build the prompt set with "
+            "make_prompt_set, which pairs prompts of equal length."
+        )
+    base_tokens, target_tokens = (
+        (prompts.corrupted_tokens, prompts.clean_tokens)
+        if direction == "denoising"
+        else (prompts.clean_tokens, prompts.corrupted_tokens)
+    )
+    batch = len(prompts)
+    target_logits, target_acts = capture(model, target_tokens, names)
+    with torch.no_grad():
+        target = _checked(metric(target_logits), (batch,), differentiable=False).detach().float()
+    if steps == 1:
+        base, base_acts, grads = atp_gradients(model, base_tokens, names, metric)
+    else:
+        base_logits, base_acts = capture(model, base_tokens, names)
+        with torch.no_grad():
+            base = _checked(metric(base_logits), (batch,), differentiable=False).detach().float()
+        diffs = {n: target_acts[n] - base_acts[n] for n in names}
+        grads = ig_gradients(model, base_tokens, diffs, metric, steps, steps_per_pass, progress)
+    attributions = {n: grads[n].float() * (target_acts[n].float() - base_acts[n].float()) for n in names}
+    return SiteAttributions(attributions, base.cpu(), target.cpu(), direction, steps)
+
+
+def capture(model: Any, tokens: Int[Tensor, "batch pos"], names: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
+    """One no-grad forward: logits and a detached copy of the activation at each hook."""
+    acts: dict[str, Tensor] = {}
+
+    def make(name: str) -> Callable[..., None]:
+        def hook(act: Tensor, hook: Any) -> None:
+            acts[name] = act.detach().clone()
+
+        return hook
+
+    with torch.no_grad(), model.hooks(fwd_hooks=[(n, make(n)) for n in names]):
+        logits = model(tokens)
+    _check_fired(names, acts)
+    return logits, acts
+
+
+def atp_gradients(
+    model: Any, tokens: Int[Tensor, "batch pos"], names: Sequence[str], metric: MetricLike
+) -> tuple[Float[Tensor, " batch"], dict[str, Tensor], dict[str, Tensor]]:
+    """One forward + backward on ``tokens``: metric, activations and d metric / d activation.
+
+    Every prompt's metric depends on that prompt's activations only, so the gradient of
+    ``metric(logits).sum()`` holds each prompt's own gradient in its batch row.
+    """
+    deltas: dict[str, Tensor] = {}
+    acts: dict[str, Tensor] = {}
+
+    def make(name: str) -> Callable[..., Tensor]:
+        def hook(act: Tensor, hook: Any) -> Tensor:
+            delta = _zero_leaf(act, name)
+            deltas[name], acts[name] = delta, act.detach().clone()
+            return act + delta
+
+        return hook
+
+    batch = int(tokens.shape[0])
+    with torch.enable_grad(), model.hooks(fwd_hooks=[(n, make(n)) for n in names]):
+        values = _checked(metric(model(tokens)), (batch,), differentiable=True)
+        _check_fired(names, deltas)
+        grads = torch.autograd.grad(values.sum(), [deltas[n] for n in names], allow_unused=True)
+    return values.detach().float(), acts, _named_grads(names, grads)
+
+
+def ig_gradients(
+    model: Any,
+    tokens: Int[Tensor, "batch pos"],
+    diffs: Mapping[str, Tensor],
+    metric: MetricLike,
+    steps: int,
+    steps_per_pass: int,
+    progress: bool,
+) -> dict[str, Tensor]:
+    """Mean gradient at each site along ``base + alpha · diff``, one site interpolated at a time.
+
+    ``alpha`` runs over ``k / steps`` for ``k = 0..steps-1``; ``steps_per_pass`` of them are
+    stacked along the batch in one forward. With ``steps=1`` the only point is ``alpha=0``,
+    the base run itself, so this equals :func:`atp_gradients`.
+    """
+    batch = int(tokens.shape[0])
+    alphas = torch.arange(steps, dtype=torch.float32) / steps
+    chunks = list(alphas.split(steps_per_pass))
+    total: dict[str, Tensor] = {}
+    bar = tqdm(total=len(diffs) * len(chunks), desc="integrated gradients", disable=not progress)
+    try:
+        for name, diff in diffs.items():
+            for chunk in chunks:
+                grad = _interpolated_gradient(model, tokens, name, diff, chunk.to(diff.device), metric, batch)
+                total[name] = grad if name not in total else total[name] + grad
+                bar.update(1)
+    finally:
+        bar.close()
+    return {n: g / steps for n, g in total.items()}
+
+
+def _interpolated_gradient(
+    model: Any,
+    tokens: Int[Tensor, "batch pos"],
+    name: str,
+    diff: Tensor,
+    alphas: Float[Tensor, " step"],
+    metric: MetricLike,
+    batch: int,
+) -> Tensor:
+    """Sum over ``alphas`` of the gradient at ``name`` with its activation shifted by ``alpha · diff``."""
+    n = int(alphas.shape[0])
+    holder: dict[str, Tensor] = {}
+
+    def hook(act: Tensor, hook: Any) -> Tensor:
+        shift = (alphas.view(n, 1, *([1] * (diff.ndim - 1))) * diff.unsqueeze(0).float()).to(act.dtype)
+        delta = _zero_leaf(act, name)
+        holder[name] = delta
+        return act + shift.reshape(act.shape) + delta
+
+    with torch.enable_grad(), model.hooks(fwd_hooks=[(name, hook)]):
+        logits = model(tokens.repeat(n, 1))
+        values = _checked(metric(logits.reshape(n, batch, *logits.shape[1:])), (n, batch), differentiable=True)
+        _check_fired([name], holder)
+        (grad,) = torch.autograd.grad(values.sum(), [holder[name]], allow_unused=True)
+    return _named_grads([name], [grad])[name].reshape(n, *diff.shape).sum(0)
+
+
+def _zero_leaf(act: Tensor, name: str) -> Tensor:
+    if not isinstance(act, Tensor) or not act.is_floating_point():
+        kind = act.dtype if isinstance(act, Tensor) else type(act).__name__
+        raise HookpatchError(
+            f"the activation at {name!r} is {kind}, not a floating-point tensor, so it is not "
+            "differentiable; attribute a float activation (resid_pre, z, pattern, ...)."
+        )
+    return torch.zeros_like(act, requires_grad=True)
+
+
+def _checked(values: Any, shape: tuple[int, ...], *, differentiable: bool) -> Tensor:
+    if not isinstance(values, Tensor) or tuple(values.shape) != shape:
+        got = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+        raise HookpatchError(
+            f"the metric returned {got} for logits shaped [{', '.join(map(str, shape))}, pos, d_vocab]; "
+            f"it must return one value per prompt, [..., batch] (here {list(shape)}). Reduce over "
+            "prompts outside the metric."
+        )
+    if differentiable and not values.requires_grad:
+        raise HookpatchError(
+            "the metric is not differentiable: its values carry no gradient (an argmax or accuracy, "
+            "a .detach(), or a torch.no_grad() inside it). Attribution patching needs a smooth "
+            "metric such as LogitDiff, AnswerLoss or KLToClean; use patch_sweep otherwise."
+        )
+    return values
+
+
+def _check_fired(names: Sequence[str], seen: Mapping[str, Tensor]) -> None:
+    missing = [n for n in names if n not in seen]
+    if missing:
+        raise HookpatchError(
+            f"hook point {missing[0]!r} did not fire during the forward pass (a gated hook such "
+            "as hook_result needs its set_use_* flag); choose a hook point the model runs."
+        )
+
+
+def _named_grads(names: Sequence[str], grads: Sequence[Tensor | None]) -> dict[str, Tensor]:
+    out = {}
+    for name, grad in zip(names, grads):
+        if grad is None:
+            raise HookpatchError(
+                f"no gradient reaches {name!r} from the metric: the metric does not depend "
+                "differentiably on that activation. Choose a component upstream of the logits."
+            )
+        out[name] = grad.detach()
+    return out
+
+
+def n_passes(n_sites: int, steps: int, steps_per_pass: int) -> int:
+    """Forward + backward passes an attribution over ``n_sites`` costs."""
+    return 1 if steps == 1 else n_sites * math.ceil(steps / steps_per_pass)

@@ -1,0 +1,274 @@
+"""How well attribution patching predicts activation patching, cell by cell, with CIs.
+
+:func:`compare` runs :func:`hookpatch.sweeps.patch_sweep` and
+:func:`hookpatch.attribution.attribution_sweep` on the same grid; :func:`compare_results`
+takes two finished results. Both methods are put on one scale, the metric *change* per
+prompt (activation patching's patched metric minus its unpatched baseline: the corrupted
+run when denoising, the clean run when noising). On the cell means (mean over prompts) it
+reports Pearson and Spearman correlation (Spearman = Pearson of average ranks, ties get
+their mean rank), top-k overlap (``|top-k by |value| of both| / k``, ties broken by cell
+order) and sign agreement (fraction of cells whose signs match, ``|x| <= sign_tol`` counting
+as 0). Each has a percentile bootstrap CI over prompts: resample prompts with replacement
+(seeded), recompute both methods' cell means and the statistic; all resamples at once.
+
+Cells that neither method moves (BOS, positions before the first differing token) hold
+exact zeros in attribution and float noise (~1e-7) in activation patching; they count as
+sign 0 under ``sign_tol`` but Spearman ranks them by that noise, so restrict ``positions=``
+to the informative columns when the rank correlation matters.
+
+Cost: the two sweeps, plus ``n_resamples × cells × batch`` numbers for the bootstrap.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from hookpatch.attribution._sites import MetricLike
+from hookpatch.attribution.atp import attribution_sweep
+from hookpatch.errors import HookpatchError
+from hookpatch.results import SweepResult
+from hookpatch.tasks.promptset import PromptSet
+
+STATISTICS = ("pearson", "spearman", "top_k_overlap", "sign_agreement")
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """A statistic on the cell means, with its bootstrap interval over prompts."""
+
+    value: float
+    ci_low: float
+    ci_high: float
+
+    def __repr__(self) -> str:
+        return f"{self.value:.3f} [{self.ci_low:.3f}, {self.ci_high:.3f}]"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Activation patching vs attribution on one grid.
+
+    Attributes:
+        activation: the activation-patching result (values = patched metric).
+        attribution: the attribution result (values = estimated metric change).
+        activation_effect: ``[*grid, batch]`` activation patching as a metric change.
+        pearson, spearman, top_k_overlap, sign_agreement: statistics of the cell means.
+        k: the k of the top-k overlap; level, n_resamples, seed: the bootstrap's settings.
+    """
+
+    activation: SweepResult
+    attribution: SweepResult
+    activation_effect: Float[Tensor, "*grid batch"]
+    pearson: Statistic
+    spearman: Statistic
+    top_k_overlap: Statistic
+    sign_agreement: Statistic
+    k: int
+    sign_tol: float
+    level: float
+    n_resamples: int
+    seed: int
+
+    def statistics(self) -> dict[str, Statistic]:
+        """Name → :class:`Statistic` for the four statistics."""
+        return {name: getattr(self, name) for name in STATISTICS}
+
+    def to_dataframe(self) -> Any:
+        """One row per cell: axis indices and labels, activation and attribution means, difference.
+
+        ``activation`` and ``attribution`` are metric changes (mean over prompts), ready for a
+        scatter plot; ``difference = attribution − activation``.
+        """
+        import pandas as pd
+
+        res = self.attribution
+        act = self.activation_effect.mean(-1)
+        att = res.mean()
+        rows = []
+        for index in itertools.product(*(range(n) for n in res.shape)):
+            row: dict[str, Any] = {}
+            for axis, i in zip(res.axes, index):
+                row[axis] = i
+                row[f"{axis}_label"] = res.labels[axis][i]
+            row["label"] = res.cell_label(index)
+            row["activation"] = float(act[index])
+            row["attribution"] = float(att[index])
+            row["difference"] = row["attribution"] - row["activation"]
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def disagreements(self, n: int = 10) -> Any:
+        """The ``n`` cells where the two methods differ most, sorted by ``|difference|``."""
+        df = self.to_dataframe()
+        order = df["difference"].abs().sort_values(ascending=False, kind="stable").index
+        return df.loc[order[:n]].reset_index(drop=True)
+
+    def summary(self) -> dict[str, str]:
+        """Statistic name → ``"value [low, high]"``."""
+        return {name: repr(stat) for name, stat in self.statistics().items()}
+
+
+def compare(
+    model: Any,
+    prompts: PromptSet,
+    metric: MetricLike,
+    component: str = "resid_pre",
+    *,
+    by: Sequence[str] = ("layer", "pos"),
+    direction: str = "denoising",
+    steps: int = 1,
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int | str] | None = None,
+    heads: Sequence[int] | None = None,
+    k: int = 10,
+    sign_tol: float = 1e-6,
+    level: float = 0.95,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    fast: bool | None = None,
+    progress: bool = True,
+) -> Comparison:
+    """Run activation patching and attribution (``steps`` > 1: IG) on one grid and compare them.
+
+    Example:
+        >>> cmp = compare(model, prompts, LogitDiff(prompts), "z", by=("layer", "head"), k=5)
+        >>> cmp.pearson, cmp.top_k_overlap          # value [CI]
+        >>> cmp.disagreements(5)                    # cells where the linear estimate fails most
+
+    Args:
+        model, prompts, metric, component, by, direction, layers, positions, heads: as in
+            :func:`hookpatch.sweeps.patch_sweep` (the metric must be differentiable).
+        steps: attribution's interpolation points (1 = attribution patching).
+        k: cells in the top-k overlap (at most the number of cells).
+        sign_tol: values with ``|x| <= sign_tol`` count as sign 0 in the sign agreement.
+        level, n_resamples, seed: the bootstrap over prompts.
+        fast: activation patching's runner choice. progress: progress bars.
+    """
+    from hookpatch.sweeps.patching import patch_sweep
+
+    grid = dict(by=by, direction=direction, layers=layers, positions=positions, heads=heads, progress=progress)
+    activation = patch_sweep(model, prompts, metric, component, fast=fast, **grid)
+    attribution = attribution_sweep(model, prompts, metric, component, steps=steps, **grid)
+    return compare_results(
+        activation, attribution, k=k, sign_tol=sign_tol, level=level, n_resamples=n_resamples, seed=seed
+    )
+
+
+def compare_results(
+    activation: SweepResult,
+    attribution: SweepResult,
+    *,
+    k: int = 10,
+    sign_tol: float = 1e-6,
+    level: float = 0.95,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> Comparison:
+    """Compare a finished activation-patching result with an attribution result on its grid."""
+    _check_pair(activation, attribution)
+    n_cells = int(torch.tensor(attribution.shape).prod()) if attribution.shape else 1
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_cells:
+        raise HookpatchError(f"k={k!r} must be an integer from 1 to the number of cells ({n_cells}).")
+    if not 0.0 < level < 1.0:
+        raise HookpatchError(f"level={level!r} must be in (0, 1), e.g. 0.95.")
+    if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 1:
+        raise HookpatchError(f"n_resamples={n_resamples!r} must be a positive integer, e.g. 1000.")
+    if sign_tol < 0:
+        raise HookpatchError(f"sign_tol={sign_tol!r} must be >= 0.")
+    direction = activation.info.get("direction", "denoising")
+    baseline = activation.corrupted if direction == "denoising" else activation.clean
+    effect = activation.values.float().cpu() - baseline.float().cpu()
+    act = effect.reshape(n_cells, -1)
+    att = attribution.values.float().cpu().reshape(n_cells, -1)
+    batch = act.shape[-1]
+
+    from transformer_lens.utilities.statistics import derive_generator
+
+    generator = derive_generator(seed, "hookpatch.compare")
+    idx = torch.randint(batch, (n_resamples, batch), generator=generator)
+    boot_act = act[:, idx].mean(-1).T  # [resample, cell]
+    boot_att = att[:, idx].mean(-1).T
+    point_act, point_att = act.mean(-1)[None], att.mean(-1)[None]
+    fns = {
+        "pearson": pearson,
+        "spearman": spearman,
+        "top_k_overlap": lambda a, b: top_k_overlap(a, b, k),
+        "sign_agreement": lambda a, b: sign_agreement(a, b, sign_tol),
+    }
+    stats = {}
+    q = torch.tensor([(1 - level) / 2, 1 - (1 - level) / 2], dtype=torch.float64)
+    for name, fn in fns.items():
+        value = float(fn(point_act, point_att)[0])
+        boot = fn(boot_act, boot_att).double()
+        boot = boot[~boot.isnan()]
+        low, high = torch.quantile(boot, q).tolist() if len(boot) else (float("nan"), float("nan"))
+        stats[name] = Statistic(value, low, high)
+    return Comparison(
+        activation=activation, attribution=attribution, activation_effect=effect, k=k,
+        sign_tol=sign_tol, level=level, n_resamples=n_resamples, seed=seed, **stats,
+    )
+
+
+def _check_pair(activation: SweepResult, attribution: SweepResult) -> None:
+    if activation.axes != attribution.axes or dict(activation.labels) != dict(attribution.labels):
+        raise HookpatchError(
+            f"the two results are on different grids (axes {activation.axes} vs {attribution.axes}, "
+            "or different labels); run both with the same component, by, layers, positions and heads."
+        )
+    if activation.values.shape != attribution.values.shape:
+        raise HookpatchError(
+            f"values shaped {tuple(activation.values.shape)} and {tuple(attribution.values.shape)} differ; "
+            "run both on the same prompt set."
+        )
+    for key in ("component", "direction"):
+        a, b = activation.info.get(key), attribution.info.get(key)
+        if a is not None and b is not None and a != b:
+            raise HookpatchError(f"activation patching used {key}={a!r} but attribution {key}={b!r}; use the same.")
+
+
+def pearson(a: Float[Tensor, "row cell"], b: Float[Tensor, "row cell"]) -> Float[Tensor, " row"]:
+    """Pearson correlation of each row of ``a`` with the same row of ``b`` (NaN if one is constant)."""
+    a, b = a.double() - a.double().mean(-1, keepdim=True), b.double() - b.double().mean(-1, keepdim=True)
+    denom = (a.square().sum(-1) * b.square().sum(-1)).sqrt()
+    return torch.where(denom > 0, (a * b).sum(-1) / denom, torch.full_like(denom, float("nan")))
+
+
+def average_ranks(x: Float[Tensor, "row cell"]) -> Float[Tensor, "row cell"]:
+    """1-based ranks along the last axis; tied values share their mean rank."""
+    x = x.double().contiguous()
+    ordered = x.sort(-1).values
+    below = torch.searchsorted(ordered, x, right=False)  # values strictly smaller
+    upto = torch.searchsorted(ordered, x, right=True)  # values smaller or equal
+    return (below + upto + 1).double() / 2
+
+
+def spearman(a: Float[Tensor, "row cell"], b: Float[Tensor, "row cell"]) -> Float[Tensor, " row"]:
+    """Spearman correlation per row: Pearson of the average ranks."""
+    return pearson(average_ranks(a), average_ranks(b))
+
+
+def top_k_indices(x: Float[Tensor, "row cell"], k: int) -> Int[Tensor, "row topk"]:
+    """The ``k`` cells of largest ``|x|`` per row; ties keep the earlier cell."""
+    return x.abs().sort(dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def top_k_overlap(a: Float[Tensor, "row cell"], b: Float[Tensor, "row cell"], k: int) -> Float[Tensor, " row"]:
+    """``|top-k(a) ∩ top-k(b)| / k`` per row, top-k by absolute value."""
+    mask_a = torch.zeros(a.shape, dtype=torch.bool).scatter(-1, top_k_indices(a, k), True)
+    mask_b = torch.zeros(b.shape, dtype=torch.bool).scatter(-1, top_k_indices(b, k), True)
+    return (mask_a & mask_b).sum(-1).double() / k
+
+
+def sign_agreement(a: Float[Tensor, "row cell"], b: Float[Tensor, "row cell"], tol: float = 0.0) -> Float[Tensor, " row"]:
+    """Fraction of cells with the same sign; ``|x| <= tol`` counts as sign 0."""
+
+    def sign(x: Tensor) -> Tensor:
+        return torch.where(x.abs() <= tol, torch.zeros_like(x), x.sign())
+
+    return (sign(a) == sign(b)).double().mean(-1)

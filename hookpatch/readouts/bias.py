@@ -1,0 +1,44 @@
+"""The unembed bias left by LayerNorm folding, between two answer tokens.
+
+Folding the final LayerNorm's bias into the unembedding leaves a per-token bias ``b_U``; the
+user's notebook checks it for " he" vs " she" (4.5582 vs 3.6625 in GPT-2 small: a prior of
+2.449× for " he" before any context).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from hookpatch.model.tokens import to_single_token
+
+
+@dataclass(frozen=True)
+class UnembedBias:
+    """``b_U`` of two tokens, their difference and the probability ratio it implies."""
+
+    token_a: str
+    token_b: str
+    bias_a: float
+    bias_b: float
+
+    @property
+    def difference(self) -> float:
+        return self.bias_a - self.bias_b
+
+    @property
+    def ratio(self) -> float:
+        """``p(a) / p(b)`` from the biases alone: ``exp(bias_a - bias_b)``."""
+        return math.exp(self.difference)
+
+    def __str__(self) -> str:
+        return (f"unembed bias {self.token_a!r} {self.bias_a:.4f} vs {self.token_b!r} {self.bias_b:.4f}: "
+                f"{self.token_a!r} is {self.ratio:.3f}x as likely before any context")
+
+
+def unembed_bias(model: Any, token_a: str = " he", token_b: str = " she") -> UnembedBias:
+    """The unembed bias of two single-token answers (after LayerNorm folding)."""
+    a, b = to_single_token(model, token_a), to_single_token(model, token_b)
+    b_U = model.b_U.detach()
+    return UnembedBias(token_a, token_b, float(b_U[a]), float(b_U[b]))
