@@ -51,6 +51,17 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from hookpatch.report import run_report
+
+    report = run_report(args.task, args.model, args.out, args.n_prompts, args.device, progress=not args.quiet)
+    print(report.title)
+    for line in report.summary:
+        print(f"  {line}")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hookpatch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +69,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--model", default="organism", help="'organism', 'tiny', a local path or a hub id")
     demo.add_argument("--device", default=None)
     demo.set_defaults(run=_demo)
+    report = sub.add_parser("report", help="run a whole case study and write one HTML file")
+    report.add_argument("task", help="pronoun or ioi")
+    report.add_argument("--model", default="organism", help="'organism' (offline default), a local path or a hub id")
+    report.add_argument("--out", required=True, help="the HTML file to write")
+    report.add_argument("--n-prompts", type=int, default=None, help="number of prompts (default: the task's set)")
+    report.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    report.add_argument("--quiet", action="store_true", help="no progress bars")
+    report.set_defaults(run=_report)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

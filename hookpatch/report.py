@@ -1,0 +1,173 @@
+"""A whole case study in one self-contained HTML page: ``hookpatch report {pronoun,ioi}``.
+
+Runs the user's notebook workflow on a model — prediction check, logit lens, layer and head
+DLA, attention views of the top heads, head ablation (zero and mean), residual patching by
+layer × position, head patching, attribution vs activation patching — and writes one HTML
+file with plotly's JavaScript and circuitsvis' inlined once, so it opens offline.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hookpatch.errors import HookpatchError
+
+TASKS = ("pronoun", "ioi")
+IOI_POSITIONS = ["IO", "S1", "S1+1", "S2", "END"]
+
+
+@dataclass
+class Report:
+    """Sections of a report (title, HTML body) and the lines of its text summary."""
+
+    title: str
+    sections: list[tuple[str, str]] = field(default_factory=list)
+    summary: list[str] = field(default_factory=list)
+
+    def add(self, title: str, body: str, note: str = "") -> None:
+        text = f"<p class='note'>{html.escape(note)}</p>" if note else ""
+        self.sections.append((title, text + body))
+
+    def to_html(self) -> str:
+        """One page: plotly's and circuitsvis' JavaScript inlined once, no external URL."""
+        from plotly.offline import get_plotlyjs
+
+        from hookpatch.views import javascript as attention_javascript
+
+        toc = "".join(f"<li><a href='#s{i}'>{html.escape(t)}</a></li>" for i, (t, _) in enumerate(self.sections))
+        body = "".join(
+            f"<section id='s{i}'><h2>{html.escape(t)}</h2>{b}</section>" for i, (t, b) in enumerate(self.sections)
+        )
+        summary = "".join(f"<li>{html.escape(line)}</li>" for line in self.summary)
+        return (
+            "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+            f"<title>{html.escape(self.title)}</title>"
+            "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
+            "table{border-collapse:collapse;font-size:0.9em}td,th{border:1px solid #ccc;padding:2px 6px}"
+            ".note{color:#444}</style>"
+            f"<script type='text/javascript'>{get_plotlyjs()}</script>"
+            f"{attention_javascript()}"
+            f"</head><body><h1>{html.escape(self.title)}</h1><ul>{summary}</ul><ol>{toc}</ol>{body}</body></html>"
+        )
+
+
+def _figure(fig: Any) -> str:
+    return fig.to_html(full_html=False, include_plotlyjs=False)
+
+
+def _table(frame: Any) -> str:
+    return frame.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0)
+
+
+def build_report(model: Any, model_name: str, task: str, n_prompts: int | None, *, progress: bool = True) -> Report:
+    """Run the case study for ``task`` on ``model`` and collect its sections."""
+    from hookpatch import views
+    from hookpatch.attribution import compare
+    from hookpatch.metrics import AnswerLoss, LogitDiff, Normalized, evaluate
+    from hookpatch.readouts import dla_by_component, dla_by_head, logit_lens, predictions, rank_heads
+    from hookpatch.sweeps import ablation_sweep, patch_sweep
+    from hookpatch.tasks.ioi import ioi_prompts
+    from hookpatch.tasks.pronoun import pronoun_prompts
+
+    check_arguments(task, n_prompts)
+    if task == "pronoun":
+        prompts = pronoun_prompts(model, n=n_prompts)
+        positions = None
+    else:
+        prompts = ioi_prompts(model, n_prompts or 16)
+        positions = IOI_POSITIONS
+    report = Report(f"hookpatch report: {task} on {model_name}")
+    base = LogitDiff(prompts)
+    metric = Normalized.from_model(model, base)
+    clean = evaluate(model, base, prompts.clean_tokens)
+    corrupted = evaluate(model, base, prompts.corrupted_tokens)
+    report.summary.append(
+        f"{len(prompts)} {task} prompts; logit difference clean {clean.mean():+.3f}, corrupted {corrupted.mean():+.3f}"
+    )
+
+    check = predictions(model, prompts.clean_prompts[0], prompts.answers[0][0], k=10)
+    report.add(
+        "Prediction check", _table(check.to_dataframe()),
+        f"{prompts.clean_prompts[0]!r} → answer {check.answer.token!r} has rank {check.answer.rank}, "
+        f"probability {check.answer.prob:.1%}.",
+    )
+    per_prompt = "".join(
+        f"<tr><td>{html.escape(p)}</td><td>{html.escape(a[0])}</td><td>{c:+.3f}</td><td>{d:+.3f}</td></tr>"
+        for p, a, c, d in zip(prompts.clean_prompts, prompts.answers, clean.tolist(), corrupted.tolist())
+    )
+    report.add("Logit difference per prompt",
+               f"<table><tr><th>prompt</th><th>answer</th><th>clean</th><th>corrupted</th></tr>{per_prompt}</table>")
+
+    lenses = [logit_lens(model, prompts, base, convention=c) for c in ("final_scale", "renormalized")]
+    report.add("Logit lens", _figure(views.logit_lens_line(lenses)),
+               "Logit difference read from the residual stream after each layer, with the final "
+               "LayerNorm scale of the real run (the notebook's convention) and renormalized per layer.")
+
+    parts = dla_by_component(model, prompts, base)
+    heads = dla_by_head(model, prompts, base)
+    ranked = rank_heads(heads, k=3)
+    report.add("Direct logit attribution by layer", _figure(views.dla_bars(parts)))
+    report.add("Direct logit attribution by head", _figure(views.dla_heads_heatmap(heads))
+               + _figure(views.ranked_heads_bar(ranked)) + _table(ranked))
+    top = ranked[ranked["sign"] == "positive"]
+    if len(top):
+        report.summary.append("top heads by DLA: " + ", ".join(top["label"]))
+        report.add("Attention patterns of the top heads",
+                   views.attention_view(model, prompts, top, prompt=0).to_html(include_js=False),
+                   f"Prompt 0: {prompts.clean_prompts[0]!r}.")
+
+    for how in ("zero", "mean"):
+        ablated = ablation_sweep(model, prompts, base, "z", how=how, progress=progress)
+        report.add(f"Head ablation ({how})", _figure(views.ablation_heatmap(ablated)),
+                   "Logit difference after ablating each head's output; the colour midpoint is the clean run.")
+    loss = ablation_sweep(model, prompts, AnswerLoss(prompts), "z", how="zero", progress=progress)
+    report.add("Head ablation (zero), loss", _figure(views.ablation_heatmap(loss)))
+
+    resid = patch_sweep(model, prompts, metric, "resid_pre", positions=positions, progress=progress)
+    report.add("Residual stream patching (layer × position)", _figure(views.patching_heatmap(resid)),
+               "Clean residual stream patched into the corrupted run; 1 = clean, 0 = corrupted.")
+    head_patch = patch_sweep(model, prompts, metric, "z", by=("layer", "head"), progress=progress)
+    report.add("Head patching (all positions)", _figure(views.patching_heatmap(head_patch)))
+    best = head_patch.mean().flatten().argmax()
+    layer, head = divmod(int(best), head_patch.shape[1])
+    report.summary.append(f"head patching: largest recovery {head_patch.mean().max():.3f} at L{layer}H{head}")
+
+    comparison = compare(model, prompts, metric, "z", by=("layer", "head"), progress=progress)
+    report.add("Attribution vs activation patching (heads)", _figure(views.comparison_scatter(comparison))
+               + _table(comparison.disagreements(5)))
+    report.summary.append(
+        f"attribution vs activation patching over heads: Pearson {comparison.pearson.value:.3f}, "
+        f"Spearman {comparison.spearman.value:.3f}"
+    )
+    return report
+
+
+def check_arguments(task: str, n_prompts: int | None, out: str | Path | None = None) -> None:
+    """Refuse bad arguments before any model is loaded."""
+    if task not in TASKS:
+        raise HookpatchError(f"unknown task {task!r}; expected one of {TASKS}.")
+    if n_prompts is not None and n_prompts < 1:
+        raise HookpatchError(f"--n-prompts {n_prompts}: ask for at least one prompt.")
+    if out is not None:
+        out = Path(out)
+        parent = out.parent if str(out.parent) else Path(".")
+        if out.is_dir() or not parent.is_dir():
+            raise HookpatchError(f"cannot write the report to {out}: choose a file in an existing directory.")
+        if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+            raise HookpatchError(f"cannot write the report to {out}: permission denied.")
+
+
+def run_report(task: str, model_name: str, out: str | Path, n_prompts: int | None = None,
+               device: str | None = None, progress: bool = True) -> Report:
+    """Load ``model_name``, run the case study and write the HTML to ``out``."""
+    from hookpatch.model.loading import load_model
+
+    check_arguments(task, n_prompts, out)
+    model = load_model(model_name, device=device)
+    report = build_report(model, model_name, task, n_prompts, progress=progress)
+    Path(out).write_text(report.to_html(), encoding="utf-8")
+    return report

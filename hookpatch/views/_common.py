@@ -1,0 +1,117 @@
+"""Shared pieces of the figure views: axis checks, axis titles, colour-bar titles, one heatmap.
+
+Nothing here computes beyond the result's own mean and CI; labels are taken from the
+result as they are, so a figure's ticks always match ``result.labels``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import plotly.graph_objects as go
+
+from hookpatch.errors import HookpatchError
+from hookpatch.results import SweepResult
+
+AXIS_TITLES = {"layer": "Layer", "pos": "Position", "head": "Head", "point": "Layer point",
+               "component": "Component", "neuron": "Neuron"}
+
+METHOD_TITLES = {
+    "patch": "Activation patching",
+    "zero": "Zero ablation",
+    "mean": "Mean ablation",
+    "resample": "Resample ablation",
+    "attribution": "Attribution patching",
+    "integrated_gradients": "Integrated gradients",
+    "logit_lens": "Logit lens",
+    "dla": "Direct logit attribution",
+    "dla_heads": "Direct logit attribution by head",
+    "dla_neurons": "Direct logit attribution by neuron",
+}
+
+ABLATION_METHODS = ("zero", "mean", "resample")
+
+
+def require_axes(result: SweepResult, allowed: Sequence[tuple[str, ...]], view: str, hint: str = "") -> None:
+    """Raise unless ``result`` is a :class:`SweepResult` over one of the ``allowed`` axes."""
+    if not isinstance(result, SweepResult):
+        raise HookpatchError(f"{view} needs a SweepResult; got {type(result).__name__}.")
+    if tuple(result.axes) not in [tuple(a) for a in allowed]:
+        expected = " or ".join(str(tuple(a)) for a in allowed)
+        raise HookpatchError(
+            f"{view} draws results over {expected}; got axes {tuple(result.axes)}." + (f" {hint}" if hint else "")
+        )
+
+
+def axis_title(axis: str) -> str:
+    """The axis title of a grid axis ("Layer", "Position", "Head", ...)."""
+    return AXIS_TITLES.get(axis, axis.capitalize())
+
+
+def metric_name(result: SweepResult) -> str:
+    """The metric's name as the result's ``info`` describes it (``"metric"`` if unknown)."""
+    metric = result.info.get("metric") or {}
+    return str(metric.get("name", "metric")) if isinstance(metric, dict) else str(metric)
+
+
+def normalized(result: SweepResult) -> bool:
+    """Whether the result's metric is normalized so that clean = 1 and corrupted = 0."""
+    metric = result.info.get("metric") or {}
+    return isinstance(metric, dict) and "normalization" in metric
+
+
+def value_title(result: SweepResult) -> str:
+    """What a cell's value is: the metric, a metric change (attribution), or a DLA share."""
+    method = result.info.get("method")
+    name = metric_name(result)
+    if method in ("attribution", "integrated_gradients"):
+        text = f"estimated Δ {name}"
+    elif method in ("dla", "dla_heads", "dla_neurons"):
+        text = f"DLA ({name})"
+    elif method in ABLATION_METHODS:
+        text = f"{name} after ablation"
+    else:
+        text = name
+    if normalized(result) and method not in ("attribution", "integrated_gradients"):
+        text += "<br>1 = clean, 0 = corrupted"
+    return text
+
+
+def default_title(result: SweepResult) -> str:
+    """A title from the result's info: method, component, direction and metric."""
+    method = result.info.get("method")
+    text = METHOD_TITLES.get(str(method), str(method) if method else "Result")
+    component = result.info.get("component")
+    if component:
+        text += f" of {component}"
+    direction = result.info.get("direction")
+    if direction and method not in ABLATION_METHODS:
+        text += f" ({direction})"
+    return f"{text}: {metric_name(result)}"
+
+
+def heatmap(
+    result: SweepResult, *, title: str | None, zmid: float, colorbar_title: str
+) -> go.Figure:
+    """A layer × (pos or head) heatmap of the cell means, layer 0 at the top, RdBu around ``zmid``."""
+    x_axis = result.axes[1]
+    x_labels, y_labels = list(result.labels[x_axis]), list(result.labels["layer"])
+    fig = go.Figure(
+        go.Heatmap(
+            z=result.mean().tolist(),
+            x=x_labels,
+            y=y_labels,
+            colorscale="RdBu",
+            zmid=zmid,
+            colorbar={"title": {"text": colorbar_title}},
+            hovertemplate=f"Layer %{{y}}<br>{axis_title(x_axis)} %{{x}}<br>value %{{z:.4g}}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title={"text": title if title is not None else default_title(result)},
+        xaxis={"title": {"text": axis_title(x_axis)}, "type": "category", "tickvals": x_labels,
+               "ticktext": x_labels},
+        yaxis={"title": {"text": "Layer"}, "type": "category", "autorange": "reversed",
+               "tickvals": y_labels, "ticktext": y_labels},
+    )
+    return fig

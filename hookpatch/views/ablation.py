@@ -1,0 +1,39 @@
+"""Ablation heatmap: the metric after ablating each head (or layer × position cell).
+
+As in the user's notebook (``imshow(ablation_result, midpoint=original_loss)``) the colour
+midpoint is the clean run's metric (mean over prompts): white = no change, red = the
+ablation lowered the metric, blue = it raised it.
+"""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+
+from hookpatch.errors import HookpatchError
+from hookpatch.results import SweepResult
+from hookpatch.views._common import ABLATION_METHODS, heatmap, require_axes, value_title
+
+
+def ablation_heatmap(result: SweepResult, *, title: str | None = None) -> go.Figure:
+    """Heatmap of an ablation result's cell means, colour midpoint = the clean baseline mean.
+
+    Example:
+        >>> res = ablation_sweep(model, prompts, AnswerLoss(prompts), "z", how="mean")
+        >>> ablation_heatmap(res).show()
+
+    Args:
+        result: an :func:`hookpatch.sweeps.ablation_sweep` result over ``("layer", "head")``
+            or ``("layer", "pos")``.
+        title: the figure title (default: ablation, component and metric).
+    """
+    require_axes(result, [("layer", "head"), ("layer", "pos")], "ablation_heatmap",
+                 "Run ablation_sweep with by=('layer', 'head') or ('layer', 'pos').")
+    method = result.info.get("method")
+    if method is not None and method not in ABLATION_METHODS:
+        raise HookpatchError(
+            f"ablation_heatmap draws ablation results (method zero, mean or resample); this result's "
+            f"method is {method!r}. Use patching_heatmap for patching and attribution results."
+        )
+    clean = float(result.clean.float().mean())
+    colorbar = f"{value_title(result)}<br>midpoint = clean {clean:.4g}"
+    return heatmap(result, title=title, zmid=clean, colorbar_title=colorbar)
