@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from hookpatch.errors import HookpatchError
 from hookpatch.readouts.predictions import predictions

@@ -39,21 +39,18 @@ heads each KV head feeds.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
 from hookpatch.attribution._sites import MetricLike, check_options, n_passes, site_attributions
-from hookpatch.errors import HookpatchError
-from hookpatch.hooks.selection import per_prompt_positions
 from hookpatch.metrics.base import Metric
-from hookpatch.model.facts import ModelFacts, component_info, model_facts
+from hookpatch.model.facts import component_info
 from hookpatch.model.loading import require_eval
 from hookpatch.results import SweepResult
-from hookpatch.sweeps.patching import GRIDS
+from hookpatch.sweeps.grid import Grid
 from hookpatch.tasks.promptset import PromptSet
 
 
@@ -99,13 +96,15 @@ def attribution_sweep(
         (patched − unpatched); ``info`` has method, steps, direction, component, metric.
     """
     check_options(direction, steps, steps_per_pass)
-    grid = _Grid.build(model, prompts, component, by, layers, positions, heads)
+    require_eval(model)
+    grid = Grid.build(model, prompts, component, by, layers, positions, heads)
+    columns = grid.columns(prompts) if "pos" in grid.by else None
     hook = component_info(component).hook_name
     sites = site_attributions(
         model, prompts, metric, [hook(l) for l in grid.layers], direction=direction,
         steps=steps, steps_per_pass=steps_per_pass, progress=progress,
     )
-    values = torch.stack([grid.reduce(sites.attributions[hook(l)].cpu()) for l in grid.layers])
+    values = torch.stack([_reduce(grid, columns, sites.attributions[hook(l)].cpu()) for l in grid.layers])
     base, target = sites.base, sites.target
     clean, corrupted = (target, base) if direction == "denoising" else (base, target)
     info: dict[str, Any] = {
@@ -117,11 +116,8 @@ def attribution_sweep(
         "task": prompts.task,
         "values": "estimated metric change, patched - unpatched (per prompt)",
         "passes": n_passes(len(grid.layers), steps, steps_per_pass),
+        **grid.info(),
     }
-    if grid.facts.grouped_query and component in ("k", "v"):
-        info["kv_head_feeds"] = {
-            f"KV{k}": [f"H{h}" for h in grid.facts.query_heads_of_kv_head(k)] for k in range(grid.facts.n_kv_heads)
-        }
     return SweepResult(
         values=values.reshape(*grid.shape, len(prompts)),
         axes=grid.by,
@@ -149,74 +145,21 @@ def integrated_gradients_sweep(
     return attribution_sweep(model, prompts, metric, component, steps=steps, **kwargs)
 
 
-@dataclass(frozen=True)
-class _Grid:
-    """Checked grid axes and labels, and the reduction of a site's attributions onto them."""
-
-    facts: ModelFacts
-    component: str
-    by: tuple[str, ...]
-    layers: tuple[int, ...]
-    columns: Int[Tensor, "n_pos batch"] | None
-    heads: tuple[int, ...] | None
-    labels: dict[str, tuple[str, ...]]
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(len(self.labels[a]) for a in self.by)
-
-    @classmethod
-    def build(cls, model, prompts, component, by, layers, positions, heads) -> "_Grid":
-        require_eval(model)
-        facts = model_facts(model)
-        info = component_info(component)
-        by = tuple(by)
-        if by not in GRIDS:
-            raise HookpatchError(f"unknown grid by={by}; expected one of {GRIDS}.")
-        if "head" in by and info.head_axis is None:
-            raise HookpatchError(
-                f"component {component!r} has no heads; a grid by head needs z, q, k, v or pattern."
-            )
-        layer_list = tuple(facts.check_layer(l) for l in (range(facts.n_layers) if layers is None else layers))
-        head_list = None
-        if "head" in by:
-            all_heads = range(facts.n_heads_of(component))
-            head_list = tuple(facts.check_head(component, h) for h in (all_heads if heads is None else heads))
-        elif heads is not None:
-            raise HookpatchError(f"heads= restricts a grid by head; by={by} has no head axis.")
-        labels = {"layer": tuple(str(l) for l in layer_list)}
-        columns = None
-        if "pos" in by:
-            pos_list = list(range(prompts.n_pos)) if positions is None else list(positions)
-            cols = []
-            for p in pos_list:  # raises on out-of-range, padding and unknown names
-                per_prompt_positions(p, len(prompts), prompts.n_pos, prompts)
-                cols.append(prompts.position(p).cpu() if isinstance(p, str) else torch.full((len(prompts),), p))
-            columns = torch.stack(cols).long() if cols else torch.zeros(0, len(prompts), dtype=torch.long)
-            all_labels = prompts.position_labels()
-            labels["pos"] = tuple(p if isinstance(p, str) else all_labels[p] for p in pos_list)
-        elif positions is not None:
-            raise HookpatchError(f"positions= restricts a grid by pos; by={by} has no pos axis.")
-        if "head" in by:
-            prefix = "KV" if info.head_axis == "kv_head" else "H"
-            labels["head"] = tuple(f"{prefix}{h}" for h in head_list)
-        return cls(facts, component, by, layer_list, columns, head_list, labels)
-
-    def reduce(self, attribution: Float[Tensor, "batch ..."]) -> Float[Tensor, "..."]:
-        """One site's element-wise attribution summed onto the grid cells: ``[*cells, batch]``."""
-        per_pos = _per_position(attribution, self.component)  # [batch, pos] or [batch, pos, head]
-        if self.heads is not None:
-            per_pos = per_pos[:, :, list(self.heads)]
-        elif per_pos.ndim == 3:
-            per_pos = per_pos.sum(-1)
-        if self.columns is None:
-            out = per_pos.sum(1)  # [batch] or [batch, head]
-        else:
-            index = self.columns.T.to(per_pos.device)  # [batch, n_pos]
-            if per_pos.ndim == 3:
-                index = index.unsqueeze(-1).expand(-1, -1, per_pos.shape[-1])
-            out = per_pos.gather(1, index)  # [batch, n_pos(, head)]
-        return out.movedim(0, -1)
+def _reduce(grid: Grid, columns: Tensor | None, attribution: Float[Tensor, "batch ..."]) -> Float[Tensor, "..."]:
+    """One site's element-wise attribution summed onto the grid cells: ``[*cells, batch]``."""
+    per_pos = _per_position(attribution, grid.component)  # [batch, pos] or [batch, pos, head]
+    if grid.heads is not None:
+        per_pos = per_pos[:, :, list(grid.heads)]
+    elif per_pos.ndim == 3:
+        per_pos = per_pos.sum(-1)
+    if columns is None:
+        out = per_pos.sum(1)  # [batch] or [batch, head]
+    else:
+        index = columns.T.to(per_pos.device)  # [batch, n_pos]
+        if per_pos.ndim == 3:
+            index = index.unsqueeze(-1).expand(-1, -1, per_pos.shape[-1])
+        out = per_pos.gather(1, index)  # [batch, n_pos(, head)]
+    return out.movedim(0, -1)
 
 
 def _per_position(attribution: Tensor, component: str) -> Tensor:

@@ -13,7 +13,7 @@ heads by position. Heads are query heads for z/q/pattern and KV heads for k/v.
 
 from __future__ import annotations
 
-import itertools
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -21,15 +21,14 @@ from torch import Tensor
 
 from hookpatch.errors import HookpatchError
 from hookpatch.hooks.factory import ABLATIONS, ablation_source
-from hookpatch.hooks.selection import per_prompt_positions
 from hookpatch.metrics.base import Metric
-from hookpatch.model.facts import component_info, model_facts
+from hookpatch.model.facts import component_info
 from hookpatch.model.loading import require_eval
 from hookpatch.results import SweepResult
 from hookpatch.sweeps.engine import DEFAULT_BUDGET, Cell, Run, run_cells
+from hookpatch.sweeps.grid import Grid
 from hookpatch.tasks.promptset import PromptSet
 
-GRIDS = (("layer", "pos"), ("layer", "head"), ("layer", "pos", "head"), ("layer",))
 DIRECTIONS = ("denoising", "noising")
 
 
@@ -60,7 +59,7 @@ def patch_sweep(
         prompts: the clean/corrupted prompt set.
         metric: a :class:`Metric` (or a callable ``logits[..., batch, pos, vocab] → [..., batch]``).
         component: resid_pre/mid/post, attn_out, mlp_out, z, q, k, v, pattern.
-        by: the grid axes, one of ``GRIDS``.
+        by: the grid axes, one of :data:`hookpatch.sweeps.grid.GRIDS`.
         direction: ``"denoising"`` (clean → corrupted run) or ``"noising"`` (corrupted → clean).
         layers, heads: restrict the grid (default: all).
         positions: restrict the pos axis: column indices or names of the prompt set ("S2").
@@ -127,78 +126,51 @@ def _fast_runner_class() -> Any:
     return FastForward
 
 
+@dataclass(frozen=True)
 class _Context:
-    """Checked inputs of a sweep, its cells, labels and the two cached runs."""
+    """Checked inputs of a sweep: its grid and cells, the runner and the two cached runs."""
 
-    def __init__(self, **kw: Any) -> None:
-        self.__dict__.update(kw)
+    model: Any
+    prompts: PromptSet
+    component: str
+    grid: Grid
+    cells: list[Cell]
+    fast: Any
+    clean_cache: Any
+    corrupted_cache: Any
+    clean_logits: Tensor
+    corrupted_logits: Tensor
 
     @classmethod
     def build(cls, model, prompts, component, by, layers, positions, heads, fast) -> "_Context":
         require_eval(model)
-        facts = model_facts(model)
-        info = component_info(component)
-        by = tuple(by)
-        if by not in GRIDS:
-            raise HookpatchError(f"unknown grid by={by}; expected one of {GRIDS}.")
-        if "head" in by and info.head_axis is None:
-            raise HookpatchError(
-                f"component {component!r} has no heads; a grid by head needs z, q, k, v or pattern."
-            )
         if prompts.clean_tokens.shape != prompts.corrupted_tokens.shape:
             raise HookpatchError(
                 f"clean tokens {tuple(prompts.clean_tokens.shape)} and corrupted tokens "
                 f"{tuple(prompts.corrupted_tokens.shape)} differ in shape; build the prompt set "
                 "with make_prompt_set, which pairs prompts of equal length."
             )
-        layer_list = [facts.check_layer(l) for l in (range(facts.n_layers) if layers is None else layers)]
-        head_list = None
-        if "head" in by:
-            head_list = [facts.check_head(component, h) for h in (range(facts.n_heads_of(component)) if heads is None else heads)]
-        elif heads is not None:
-            raise HookpatchError(f"heads= restricts a grid by head; by={by} has no head axis.")
-        pos_list: list = []
-        if "pos" in by:
-            pos_list = list(range(prompts.n_pos)) if positions is None else list(positions)
-            for p in pos_list:  # raises on out-of-range, padding and unknown names
-                per_prompt_positions(p, len(prompts), prompts.n_pos, prompts)
-        elif positions is not None:
-            raise HookpatchError(f"positions= restricts a grid by pos; by={by} has no pos axis.")
-        if fast is None or fast:
+        grid = Grid.build(model, prompts, component, by, layers, positions, heads)
+        runner = None
+        if fast is not False:
             FastForward = _fast_runner_class()
             if FastForward is not None and FastForward.supports(model):
                 runner = FastForward(model, resid_mid_edits_residual=True)
             elif fast:
                 raise HookpatchError("fast=True but this model's family has no fast path; pass fast=None.")
-            else:
-                runner = None
-        else:
-            runner = None
-        axes_values = [layer_list] + ([pos_list] if "pos" in by else []) + ([head_list] if "head" in by else [])
-        cells = []
-        for combo in itertools.product(*axes_values):
-            parts = dict(zip(by, combo))
-            cells.append(Cell(parts["layer"], parts.get("pos"), parts.get("head")))
-        labels = {"layer": tuple(str(l) for l in layer_list)}
-        if "pos" in by:
-            all_labels = prompts.position_labels()
-            labels["pos"] = tuple(p if isinstance(p, str) else all_labels[p] for p in pos_list)
-        if "head" in by:
-            prefix = "KV" if info.head_axis == "kv_head" else "H"
-            labels["head"] = tuple(f"{prefix}{h}" for h in head_list)
+        cells = [Cell(layer, pos, head) for layer, pos, head in grid.cells()]
         with torch.no_grad():
             clean_logits, clean_cache = model.run_with_cache(prompts.clean_tokens)
             corrupted_logits, corrupted_cache = model.run_with_cache(prompts.corrupted_tokens)
         return cls(
-            model=model, facts=facts, prompts=prompts, component=component, by=by, cells=cells,
-            labels=labels, fast=runner, clean_cache=clean_cache, corrupted_cache=corrupted_cache,
+            model=model, prompts=prompts, component=component, grid=grid, cells=cells,
+            fast=runner, clean_cache=clean_cache, corrupted_cache=corrupted_cache,
             clean_logits=clean_logits, corrupted_logits=corrupted_logits,
-            grid=tuple(len(v) for v in axes_values),
         )
 
     def sweep(self, run: Run, metric, memory_budget: int, progress: bool, info: dict) -> SweepResult:
         values = run_cells(
-            self.model, self.facts, self.prompts, self.component, self.cells, run, metric,
+            self.model, self.grid.facts, self.prompts, self.component, self.cells, run, metric,
             memory_budget=memory_budget, fast=self.fast, progress=progress,
             desc=f"{info['method']} {self.component}",
         )
@@ -206,15 +178,10 @@ class _Context:
             clean = metric(self.clean_logits).detach().float().cpu()
             corrupted = metric(self.corrupted_logits).detach().float().cpu()
         describe = metric.describe() if isinstance(metric, Metric) else {"name": getattr(metric, "__name__", "metric")}
-        extra = {}
-        if self.facts.grouped_query and self.component in ("k", "v"):
-            extra["kv_head_feeds"] = {
-                f"KV{k}": [f"H{h}" for h in self.facts.query_heads_of_kv_head(k)] for k in range(self.facts.n_kv_heads)
-            }
         return SweepResult(
-            values=values.reshape(*self.grid, len(self.prompts)),
-            axes=self.by,
-            labels=self.labels,
+            values=values.reshape(*self.grid.shape, len(self.prompts)),
+            axes=self.grid.by,
+            labels=self.grid.labels,
             clean=clean,
             corrupted=corrupted,
             info={
@@ -222,7 +189,7 @@ class _Context:
                 "metric": describe,
                 "task": self.prompts.task,
                 "runner": "fast" if self.fast is not None else "bridge",
-                **extra,
+                **self.grid.info(),
                 **info,
             },
         )
