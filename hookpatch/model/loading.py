@@ -68,6 +68,11 @@ def load_model(
         raise HookpatchError(
             "pass either device= or device_map=, not both: device_map places the model itself."
         )
+    if str(name_or_path) == ORGANISM:  # name a damaged file or an option it cannot honour
+        from hookpatch.organism import check_load_options, verify_checkpoint
+
+        check_load_options(dtype=dtype, tokenizer=tokenizer)
+        verify_checkpoint(_ORGANISM_DIR)
     source = _resolve_source(name_or_path)
     if tokenizer is None and Path(source).is_dir():
         tokenizer = _local_tokenizer(Path(source))
