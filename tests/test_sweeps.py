@@ -311,3 +311,9 @@ def test_padding_position_and_length_mismatch_are_refused(gpt2_model):
     with pytest.raises(Exception, match="same length|positions"):
         gpt2_model.run_with_hooks(prompts.corrupted_tokens, fwd_hooks=[(name, hook)])
     assert _hook_count(gpt2_model) == 0
+
+
+def test_kv_heads_of_a_model_without_grouping_are_plain_heads(gpt2_model, small_prompts):
+    prompts = small_prompts[id(gpt2_model)]
+    result = patch_sweep(gpt2_model, prompts, LogitDiff(prompts), "k", by=("layer", "head"), progress=False)
+    assert result.labels["head"] == ("H0", "H1", "H2", "H3") and "kv_head_feeds" not in result.info

@@ -145,3 +145,9 @@ def test_padded_set_tracks_end_per_prompt(gpt2_model):
     assert sub.clean_tokens.shape == (1, 6) and sub.end.tolist() == [5]
     labels = ps.position_labels()
     assert labels[0] == "0: <|endoftext|>" and labels[1] == "1: John"
+
+
+def test_corruptions_share_the_clean_prompts(gpt2_model):
+    sets = [ioi_prompts(gpt2_model, 12, corruption=c, seed=5) for c in ("s2", "abc")]
+    assert sets[0].clean_prompts == sets[1].clean_prompts
+    assert sets[0].corrupted_prompts != sets[1].corrupted_prompts

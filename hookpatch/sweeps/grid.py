@@ -95,7 +95,7 @@ class Grid:
         if "head" in by:
             all_heads = range(facts.n_heads_of(component))
             head_list = tuple(facts.check_head(component, h) for h in (all_heads if heads is None else heads))
-            prefix = "KV" if info.head_axis == "kv_head" else "H"
+            prefix = "KV" if info.head_axis == "kv_head" and facts.grouped_query else "H"
             labels["head"] = tuple(f"{prefix}{h}" for h in head_list)
         elif heads is not None:
             raise HookpatchError(f"heads= restricts a grid by head; by={by} has no head axis.")

@@ -72,6 +72,7 @@ def ioi_prompts(
         if missing:
             raise HookpatchError(f"IOI template {t!r} lacks the slots {missing}.")
     rng = random.Random(seed)
+    abc_rng = random.Random(f"{seed}-abc")  # its own draws, so every corruption has the same clean prompts
     clean, corrupted, answers, roles = [], [], [], []
     i = 0
     while len(clean) < n:
@@ -91,7 +92,7 @@ def ioi_prompts(
             if corruption == "s2":
                 bad = template.format(A=a, B=b, S=io, **fill)
             else:
-                x, y, z = rng.sample([m for m in names if m not in (io, s)], 3)
+                x, y, z = abc_rng.sample([m for m in names if m not in (io, s)], 3)
                 bad = template.format(A=x, B=y, S=z, **fill)
             clean.append(text)
             corrupted.append(bad)

@@ -18,7 +18,7 @@ import html
 import json
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -65,7 +65,7 @@ class AttentionView:
         title: the heading shown above the view.
     """
 
-    patterns: Float[Tensor, "head query key"]
+    patterns: Float[Tensor, "head query key"] = field(repr=False)
     tokens: tuple[str, ...]
     head_labels: tuple[str, ...]
     prompt: int
