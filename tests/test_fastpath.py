@@ -1,4 +1,5 @@
-"""FastForward against the bridge itself: logits, every hook point, edits, prefixes, refusals."""
+"""FastForward against the bridge itself: logits, every hook point, edits, prefixes, per-row
+frozen prefixes and start layers, refusals."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from hookpatch.sweeps.fastpath import (
     GATED_POINTS,
     ROTARY_POINTS,
     FastForward,
+    frozen_kv_from_cache,
     prefix_kv_from_cache,
 )
 
@@ -233,6 +235,122 @@ def test_prefix_kv_matches_full_run(model, p0):
         hooks = {f"blocks.{last}.attn.hook_v": edit}
         got = fast.run(resid, start, offset=p0, prefix_kv=shared, hooks=hooks, read_pos=read_pos)
         torch.testing.assert_close(got[:, 0], edited[torch.arange(BATCH), read_pos], atol=ATOL, rtol=0)
+
+
+# Per-row mode: 2 variants x BATCH prompts; row r is prompt r % BATCH, computed from position
+# ACTIVE[r] on, joining at block STARTS[r] (int: every row at that block).
+ACTIVE = torch.tensor([0, 3, 7, SEQ - 1, 5, 2])
+ROW_EDITS = {  # hook point -> (position axis, out-of-place edit of the selected entries)
+    "blocks.0.hook_resid_pre": (1, lambda x: x * 0.5 + 1.0),
+    "blocks.0.attn.hook_v": (1, lambda v: v * -1.5),
+    "blocks.1.attn.hook_q": (1, lambda q: q + 0.3),
+    "blocks.0.attn.hook_pattern": (2, lambda p: p * 0.5),
+    "blocks.1.attn.hook_z": (1, lambda z: z.flip(-1)),
+    "blocks.0.mlp.hook_post": (1, lambda x: x * 2.0),
+    "blocks.1.hook_resid_mid": (1, lambda x: x - 0.4),
+}
+
+
+def rows_from(layer, pos_axis, fn, active, starts):
+    """A hook applying ``fn`` at each row's positions ``>= active[row]``, in rows whose start
+    block is ``<= layer`` (the others are frozen there)."""
+
+    def hook(x, hook):
+        cols = torch.arange(x.shape[pos_axis])
+        sel = (cols >= active.unsqueeze(-1)) & (starts <= layer).unsqueeze(-1)  # [rows, pos]
+        sel = sel.view(x.shape[0], *([1] * (pos_axis - 1)), x.shape[pos_axis], *([1] * (x.ndim - pos_axis - 1)))
+        return torch.where(sel, fn(x), x)
+
+    return hook
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("starts", [0, [0, 1, 0, 1, 1, 0]], ids=["one start", "start per row"])
+@pytest.mark.parametrize("point", sorted(ROW_EDITS))
+def test_rows_with_own_frozen_prefix_match_run_with_hooks(any_model, point, starts):
+    model = any_model
+    toks, _, cache = clean_run(model, seed=3)
+    rows = len(ACTIVE)
+    prompt = torch.arange(rows) % BATCH
+    start = torch.tensor(starts).expand(rows) if isinstance(starts, list) else torch.full((rows,), starts)
+    pos_axis, fn = ROW_EDITS[point]
+    layer = int(point.split(".")[1])
+    first = int(start.min())
+    resid = torch.stack([cache[f"blocks.{int(s)}.hook_resid_pre"][p] for s, p in zip(start, prompt)])
+    hooks = {point: rows_from(layer, pos_axis, fn, ACTIVE, start)} if layer >= first else {}
+    fast = FastForward(model)
+    end = torch.full((rows,), SEQ - 1)
+    frozen = frozen_kv_from_cache(cache, first, model)  # batch BATCH, tiled over the variants
+    got = fast.run(resid, starts if isinstance(starts, int) else start, hooks=hooks, read_pos=end,
+                   active_from=ACTIVE, frozen_kv=frozen)
+    reads = torch.stack([ACTIVE, torch.full((rows,), SEQ - 1)], -1)  # [rows, 2]
+    several = fast.run(resid, starts if isinstance(starts, int) else start, hooks=hooks, read_pos=reads,
+                       active_from=ACTIVE, frozen_kv=[(k[prompt], v[prompt]) for k, v in frozen])
+    for r in range(rows):
+        ref_hook = rows_from(layer, pos_axis, fn, ACTIVE[r : r + 1], start[r : r + 1])
+        want = model.run_with_hooks(toks[prompt[r] : prompt[r] + 1], fwd_hooks=[(point, ref_hook)])[0]
+        torch.testing.assert_close(got[r, 0], want[SEQ - 1], atol=ATOL, rtol=0, msg=f"row {r}")
+        torch.testing.assert_close(several[r], want[reads[r]], atol=ATOL, rtol=0, msg=f"row {r}")
+
+
+@torch.no_grad()
+def test_per_row_mode_hooks_see_the_unpatched_run_at_computed_positions(any_model):
+    model = any_model
+    _, logits, cache = clean_run(model, seed=0)
+    fast = FastForward(model)
+    names = hook_names(model, fast)
+    seen = {}
+    active = ACTIVE[:BATCH]
+    got = fast.run(cache["blocks.0.hook_resid_pre"], 0, hooks={n: recorder(seen) for n in names},
+                   read_pos=torch.full((BATCH,), SEQ - 1), active_from=active,
+                   frozen_kv=frozen_kv_from_cache(cache, 0, model))
+    assert got.shape == (BATCH, 1, model.cfg.d_vocab)
+    for name in names:
+        assert seen[name].shape == cache[name].shape, name
+        pattern_like = name.endswith(("hook_pattern", "hook_attn_scores"))
+        for r in range(BATCH):
+            a = int(active[r])
+            want = cache[name][r, :, a:] if pattern_like else cache[name][r, a:]
+            have = seen[name][r, :, a:] if pattern_like else seen[name][r, a:]
+            torch.testing.assert_close(have, want, atol=ATOL, rtol=0, msg=f"{name} row {r}")
+    torch.testing.assert_close(got[:, 0], logits[:, SEQ - 1], atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_per_row_mode_refuses_bad_inputs(llama_model):
+    model = llama_model
+    _, _, cache = clean_run(model, seed=0)
+    fast = FastForward(model)
+    resid = cache["blocks.0.hook_resid_pre"]
+    frozen = frozen_kv_from_cache(cache, 0, model)
+    end = torch.full((BATCH,), SEQ - 1)
+    active = torch.tensor([0, 4, 8])
+    with pytest.raises(HookpatchError, match=r"read_pos \[\[11, 3\], \[11, 3\], \[11, 3\]\] reads before active_from"):
+        fast.run(resid, 0, read_pos=torch.tensor([[SEQ - 1, 3]] * BATCH), active_from=active, frozen_kv=frozen)
+    with pytest.raises(HookpatchError, match="needs read_pos"):
+        fast.run(resid, 0, active_from=active, frozen_kv=frozen)
+    with pytest.raises(HookpatchError, match="needs frozen_kv"):
+        fast.run(resid, 0, read_pos=end, active_from=active)
+    short = [(k[:, :-1], v) for k, v in frozen]
+    expected = r"frozen_kv\[0\] k has shape \(3, 11, 2, 16\); expected \[b, 12, 2, 16\] with b dividing 3"
+    with pytest.raises(HookpatchError, match=expected):
+        fast.run(resid, 0, read_pos=end, active_from=active, frozen_kv=short)
+    two_rows = [frozen[0], (frozen[1][0][:2], frozen[1][1][:2])]  # 2 does not divide 3 rows
+    with pytest.raises(HookpatchError, match=r"frozen_kv\[1\] k has shape \(2, 12, 2, 16\)"):
+        fast.run(resid, 0, read_pos=end, active_from=active, frozen_kv=two_rows)
+    with pytest.raises(HookpatchError, match="frozen_kv has 1 entries; expected one"):
+        fast.run(resid, 0, read_pos=end, active_from=active, frozen_kv=frozen[:1])
+    with pytest.raises(HookpatchError, match=r"active_from must lie in \[0, 12\)"):
+        fast.run(resid, 0, read_pos=end, active_from=torch.tensor([0, 4, SEQ]), frozen_kv=frozen)
+    with pytest.raises(HookpatchError, match="are alternatives"):
+        fast.run(resid[:, 2:], 0, read_pos=end, offset=2, prefix_kv=prefix_kv_from_cache(cache, 0, 2, model),
+                 active_from=active, frozen_kv=frozen)
+    with pytest.raises(HookpatchError, match="only read with active_from"):
+        fast.run(resid, 0, frozen_kv=frozen)
+    with pytest.raises(HookpatchError, match="start per row needs active_from"):
+        fast.run(resid, torch.tensor([0, 1, 0]))
+    with pytest.raises(HookpatchError, match=r"start must lie in 0..2"):
+        fast.run(resid, torch.tensor([0, 3, 0]), read_pos=end, active_from=active, frozen_kv=frozen)
 
 
 def test_supports_both_families_and_refuses_others(gpt2_model, llama_model, monkeypatch):

@@ -2,12 +2,16 @@
 
 Each function mirrors one step of TransformerBridge's compatibility-mode forward (see
 :mod:`hookpatch.sweeps.fastpath`), including where it upcasts to float32, so that the fast
-path agrees with the bridge to float rounding. Nothing here holds state or fires hooks.
+path agrees with the bridge to float rounding; :func:`causal_attention` is the one fused
+shortcut (torch's SDPA, for when no hook reads the scores or pattern), equal to float32
+rounding. Activations are the fast path's packed ``[n, ...]`` rows or ``[batch, pos, ...]``
+grids, as each signature says. Nothing here holds state or fires hooks.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
@@ -45,12 +49,15 @@ def rotate_half(x: Float[Tensor, "*rest d_head"]) -> Float[Tensor, "*rest d_head
 
 
 def apply_rotary(
-    x: Float[Tensor, "batch pos heads d_head"],
-    cos: Float[Tensor, "*#lead pos d_head"],
-    sin: Float[Tensor, "*#lead pos d_head"],
-) -> Float[Tensor, "batch pos heads d_head"]:
-    """HF's rotate-half rotary embedding, ``x * cos + rotate_half(x) * sin``, per head."""
-    cos = cos.unsqueeze(-2)  # [(batch,) pos, 1, d_head]
+    x: Float[Tensor, "n heads d_head"],
+    cos: Float[Tensor, "n d_head"],
+    sin: Float[Tensor, "n d_head"],
+) -> Float[Tensor, "n heads d_head"]:
+    """HF's rotate-half rotary embedding, ``x * cos + rotate_half(x) * sin``, per head.
+
+    ``x`` holds packed (row, position) pairs; ``cos``/``sin`` are the tables at each one's position.
+    """
+    cos = cos.unsqueeze(-2)  # [n, 1, d_head]
     sin = sin.unsqueeze(-2)
     return (x * cos) + (rotate_half(x) * sin)
 
@@ -90,6 +97,23 @@ def attention_pattern(
     return torch.softmax(scores, dim=-1)
 
 
+def causal_attention(
+    q: Float[Tensor, "batch pos head d_head"],
+    k: Float[Tensor, "batch pos kv_head d_head"],
+    v: Float[Tensor, "batch pos kv_head d_head"],
+    scale: float,
+) -> Float[Tensor, "batch pos head d_head"]:
+    """``z`` of causal attention over positions ``0..pos-1`` in one fused kernel (torch's SDPA),
+    for when no hook needs the scores or the pattern; it equals :func:`attention_scores`,
+    :func:`attention_pattern` and :func:`mix_values` in sequence to float32 rounding, and
+    avoids their two small matmuls per (row, head)."""
+    z = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        is_causal=True, scale=scale, enable_gqa=k.shape[2] != q.shape[2],
+    )  # [batch, head, pos, d_head]
+    return z.transpose(1, 2)
+
+
 def mix_values(
     pattern: Float[Tensor, "batch head pos key_pos"],
     v: Float[Tensor, "batch key_pos kv_head d_head"],
@@ -100,11 +124,3 @@ def mix_values(
     pat_g = pattern.reshape(b, n_kv, (n_heads // n_kv) * p, n_keys)  # [b, kv, g*p, key_pos]
     z = torch.matmul(pat_g.to(v.dtype), v.transpose(1, 2))  # [b, kv, g*p, d_head]
     return z.view(b, n_heads, p, v.shape[-1]).transpose(1, 2)
-
-
-def gather_rows(
-    x: Float[Tensor, "batch pos *rest"], index: Int[Tensor, "batch n_read"]
-) -> Float[Tensor, "batch n_read *rest"]:
-    """``x[i, index[i, j]]`` for every row ``i`` and read ``j``."""
-    rows = torch.arange(x.shape[0], device=x.device).unsqueeze(-1)  # [batch, 1]
-    return x[rows, index]

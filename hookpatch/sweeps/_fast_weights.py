@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
@@ -220,8 +221,18 @@ def _layer(block: Any, cfg: Any, layer: int, rotary: bool) -> LayerWeights:
         ln1=norm_fn(block.ln1, cfg), ln2=norm_fn(block.ln2, cfg),
         q=_proj(attn.q), k=_proj(attn.k), v=_proj(attn.v), o=_proj(attn.o),
         mlp_in=_proj(getattr(mlp, "in")), gate=_proj(mlp.gate) if gated else None,
-        mlp_out=_proj(mlp.out), act=act, scale=scale, float32_softmax=rotary,
+        mlp_out=_proj(mlp.out), act=_fused(act), scale=scale, float32_softmax=rotary,
     )
+
+
+def _fused(act: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """``act``, or torch's one-pass kernel for the same function: HF's ``NewGELUActivation``
+    (GPT-2's ``gelu_new``) spends five passes over the ``[rows, d_mlp]`` activation."""
+    from transformers.activations import NewGELUActivation
+
+    if type(act) is NewGELUActivation:
+        return functools.partial(F.gelu, approximate="tanh")  # equal to float rounding
+    return act
 
 
 def extract_layers(model: Any) -> list[LayerWeights]:

@@ -4,13 +4,17 @@ A sweep is a list of cells ``(layer, positions, heads)``; each cell is one varia
 (corrupted tokens for denoising, clean for noising or ablation) with the cell's selection
 replaced by a source (the other run's activation, or an ablation value). ``V`` cells share a
 forward: the run's ``B`` prompts are repeated ``V`` times and each layer's hook patches only
-its own rows. A memory budget decides ``V``; results never depend on it.
+its own rows. A memory budget decides ``V`` (on the fast path also a cap on the computed
+positions, :data:`FAST_CHUNK_PAIRS`, for cache locality); results never depend on either.
 
 Two runners execute a chunk:
 
-- the fast path (:mod:`hookpatch.sweeps.fastpath`) starts at the chunk's earliest patched
-  layer from the run's cached residual stream, reuses the cached keys/values of positions
-  before the earliest patched position, and computes logits only where the metric reads;
+- the fast path (:mod:`hookpatch.sweeps.fastpath`) computes each stacked row only from its
+  cell's layer (joining from the run's cached residual stream there) and from its first
+  patched position on (earlier positions equal the unpatched run, whose cached keys and
+  values they contribute), packing the computed (row, position) pairs of all cells, whatever
+  their layers, into the same matrices, so its FLOPs are close to the minimal ones; it
+  computes logits only where a :class:`Metric` reads (a plain callable gets every position);
 - the generic path runs the bridge itself with ``run_with_hooks`` (any model the bridge loads).
 """
 
@@ -33,6 +37,10 @@ from hookpatch.model.facts import ModelFacts, component_info
 from hookpatch.tasks.promptset import PromptSet
 
 DEFAULT_BUDGET = 2 * 1024**3  # bytes
+# The fast path's matmuls reach their throughput by ~256 packed rows; far beyond, each layer's
+# fresh [rows, d_mlp] buffers outgrow the caches and cost page faults. A fast-path chunk stops
+# at this many computed (row, position) pairs (or at the memory budget, if that comes first).
+FAST_CHUNK_PAIRS = 2048
 
 
 @dataclass(frozen=True)
@@ -75,18 +83,21 @@ def run_cells(
         activation_mask(facts, component, per_prompt_positions(c.positions, B, P, prompts), c.heads)
         for c in cells
     ]
-    first_pos = [_first_position(m, d) for m in masks]
-    order = sorted(range(len(cells)), key=lambda i: (cells[i].layer, first_pos[i]))
-    per_variant = _bytes_per_variant(facts, B, P, fast is not None)
+    first_pos = [_first_positions(m, d, B) for m in masks]
+    # Cells sorted by where they start, so a fast-path chunk starts as late as it can.
+    order = sorted(range(len(cells)), key=lambda i: (cells[i].layer, int(first_pos[i].min())))
+    reads_only = isinstance(metric, Metric)  # else the fast path computes every position
+    per_variant = _bytes_per_variant(facts, B, P, fast is not None and reads_only)
     chunk = max(1, min(len(cells), memory_budget // max(per_variant, 1)))
+    pairs = [int((P - f.clamp(max=P - 1)).sum()) if reads_only else B * P for f in first_pos]
+    cap = FAST_CHUNK_PAIRS if fast is not None else None
     out = torch.empty(len(cells), B)
     bar = tqdm(total=len(cells), desc=desc, disable=not progress, leave=False)
     try:
-        for start in range(0, len(order), chunk):
-            idx = order[start : start + chunk]
+        for idx in _chunks(order, chunk, pairs, cap):
             values = _run_chunk(
-                model, facts, prompts, info.name, [cells[i] for i in idx], [masks[i] for i in idx],
-                min(first_pos[i] for i in idx), run, metric, fast, d,
+                model, info.name, [cells[i] for i in idx], [masks[i] for i in idx],
+                torch.stack([first_pos[i] for i in idx]), run, metric, fast, d,
             )
             out[torch.tensor(idx)] = values.detach().float().cpu()
             bar.update(len(idx))
@@ -95,17 +106,34 @@ def run_cells(
     return out
 
 
-def _first_position(mask: Tensor, d: int) -> int:
-    """The earliest position any prompt has selected in ``mask``."""
-    along = mask.movedim(d, -1).reshape(-1, mask.shape[d]).any(0)
-    hits = along.nonzero()
-    return int(hits[0]) if len(hits) else mask.shape[d]
+def _chunks(order: list[int], size: int, weight: Sequence[int], cap: int | None) -> list[list[int]]:
+    """``order`` cut into consecutive pieces of at most ``size`` items and (unless one item
+    alone exceeds it) at most ``cap`` total ``weight``."""
+    chunks: list[list[int]] = []
+    total = 0
+    for i in order:
+        if chunks and len(chunks[-1]) < size and (cap is None or total + weight[i] <= cap):
+            chunks[-1].append(i)
+            total += weight[i]
+        else:
+            chunks.append([i])
+            total = weight[i]
+    return chunks
 
 
-def _bytes_per_variant(facts: ModelFacts, B: int, P: int, fast: bool) -> int:
-    """A generous estimate of the memory one stacked variant needs during a forward."""
+def _first_positions(mask: Tensor, d: int, B: int) -> Int[Tensor, " batch"]:
+    """Per prompt, the earliest position ``mask`` selects (``n_pos`` where it selects none)."""
+    along = mask.movedim(d, -1)
+    along = along.reshape(along.shape[0], -1, along.shape[-1]).any(1)  # [1 or batch, pos]
+    first = torch.where(along.any(-1), along.int().argmax(-1), along.shape[-1])
+    return first.expand(B)
+
+
+def _bytes_per_variant(facts: ModelFacts, B: int, P: int, reads_only: bool) -> int:
+    """A generous estimate of the memory one stacked variant needs during a forward
+    (``reads_only``: logits at one position per prompt rather than all)."""
     per_pos = facts.d_model * 10 + facts.n_heads * (P * 3 + facts.d_head * 4) + (facts.d_mlp or 4 * facts.d_model) * 3
-    logits = 0 if fast else P * facts.d_vocab
+    logits = 0 if reads_only else P * facts.d_vocab
     return 4 * B * (P * per_pos + logits + facts.d_vocab)
 
 
@@ -131,12 +159,10 @@ def _stacked_hooks(
 
 def _run_chunk(
     model: Any,
-    facts: ModelFacts,
-    prompts: PromptSet,
     component: str,
     cells: Sequence[Cell],
     masks: Sequence[Tensor],
-    first_pos: int,
+    first_pos: Int[Tensor, "variant batch"],
     run: Run,
     metric: Metric | Callable[[Tensor], Tensor],
     fast: Any,
@@ -146,31 +172,9 @@ def _run_chunk(
     B, P = run.tokens.shape
     V = len(cells)
     hooks = _stacked_hooks(component, cells, masks, run, B, d)
-    is_metric = isinstance(metric, Metric)
     with torch.no_grad():
         if fast is not None:
-            start = min(c.layer for c in cells)
-            read = metric.read_positions if is_metric else None
-            offset = min(first_pos, int(read.min()), P - 1) if is_metric else 0
-            resid = run.cache[f"blocks.{start}.hook_resid_pre"][:, offset:]
-            resid = resid.repeat(V, 1, 1)  # [V * B, P - offset, d_model]
-            from hookpatch.sweeps.fastpath import prefix_kv_from_cache
-
-            prefix = None
-            if offset:  # the run's keys/values before `offset`, once per stacked variant
-                prefix = [
-                    (k.repeat(V, 1, 1, 1), v.repeat(V, 1, 1, 1))
-                    for k, v in prefix_kv_from_cache(run.cache, start, offset, model)
-                ]
-            logits = fast.run(
-                resid, start, hooks=hooks,
-                read_pos=None if read is None else read.repeat(V),
-                offset=offset, prefix_kv=prefix,
-            )
-            if is_metric:
-                values = metric.from_final(logits.reshape(V, B, -1))
-            else:
-                values = metric(logits.reshape(V, B, P, -1))
+            values = _run_fast(model, fast, cells, hooks, first_pos, run, metric)
         else:
             logits = model.run_with_hooks(run.tokens.repeat(V, 1), fwd_hooks=list(hooks.items()))
             values = metric(logits.reshape(V, B, P, -1))
@@ -181,3 +185,40 @@ def _run_chunk(
             f"one value per prompt, [..., batch] (here [{V}, {B}]). Reduce over prompts outside the metric."
         )
     return values
+
+
+def _run_fast(
+    model: Any,
+    fast: Any,
+    cells: Sequence[Cell],
+    hooks: dict[str, partial],
+    first_pos: Int[Tensor, "variant batch"],
+    run: Run,
+    metric: Metric | Callable[[Tensor], Tensor],
+) -> Tensor:
+    """The fast path: variant ``v``'s rows join at its cell's layer and compute from their
+    first patched position (or read position, if earlier) on."""
+    from hookpatch.sweeps.fastpath import frozen_kv_from_cache
+
+    V, B = first_pos.shape
+    P = run.tokens.shape[1]
+    layers = [c.layer for c in cells]
+    first = min(layers)
+    per_layer = torch.stack([run.cache[f"blocks.{l}.hook_resid_pre"] for l in range(first, max(layers) + 1)])
+    which = torch.tensor(layers, device=per_layer.device) - first  # [V]
+    resid = per_layer[which].flatten(0, 1)  # [V * B, P, d_model]: each row's residual at its layer
+    start = torch.tensor(layers).repeat_interleave(B)  # [V * B]
+    if isinstance(metric, Metric):
+        read = metric.read_positions.to(first_pos.device)  # [B]
+        active_from = torch.minimum(first_pos, read)  # [V, B]
+        read_pos = read.repeat(V)  # [V * B]
+    else:  # a callable may read any position: return them all
+        active_from = torch.zeros_like(first_pos)
+        read_pos = torch.arange(P).expand(V * B, P)
+    logits = fast.run(
+        resid, start, hooks=hooks, read_pos=read_pos, active_from=active_from.flatten(),
+        frozen_kv=frozen_kv_from_cache(run.cache, first, model),
+    )
+    if isinstance(metric, Metric):
+        return metric.from_final(logits.reshape(V, B, -1))
+    return metric(logits.reshape(V, B, P, -1))

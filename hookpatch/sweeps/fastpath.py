@@ -5,15 +5,21 @@ per-module hook machinery. :class:`FastForward` re-implements the same compatibi
 forward on the model's own (processed, folded) weights, so a sweep can
 
 * start at any layer from a given residual stream (``blocks.{start}.hook_resid_pre``),
-* skip a prefix of positions whose keys and values are already known (``prefix_kv``),
+* skip positions whose keys and values are already known: a prefix shared by every row
+  (``offset`` + ``prefix_kv``), or a frozen prefix of its own per row (``active_from`` +
+  ``frozen_kv``), so rows patched at different positions share one forward,
 * compute the unembedding only at the positions it reads (``read_pos``; at the last layer
   only those query rows go through attention and the MLP as well),
 
-while firing TransformerLens-named hook callbacks with the bridge's shapes. Cost: one
+while firing TransformerLens-named hook callbacks with the bridge's shapes. Position-wise
+work (norms, projections, MLP) runs on the computed (row, position) pairs packed into the
+rows of one 2-D matrix, so its FLOPs are the minimal ones however ragged the rows are; only
+attention (cheap at sweep lengths) and hooks see the ``[batch, pos, ...]`` layout. Cost: one
 ``F.linear`` per projection, two batched matmuls per attention layer (grouped-query heads
-share K/V through a reshape, never a copy), no per-call weight re-layout, and no hook work
-for names not asked for. Setup extracts weights once as views (no copies) and, for rotary
-models, a cos/sin table. It agrees with the bridge to float rounding (~1e-6 in float32);
+share K/V through a reshape, never a copy), a gather/scatter of the packed rows around
+attention and bound hooks, no per-call weight re-layout, and no hook work for names not
+asked for. Setup extracts weights once as views (no copies) and, for rotary models, a
+cos/sin table. It agrees with the bridge to float rounding (~1e-6 in float32);
 ``tests/test_fastpath.py`` checks logits and every hook point against ``run_with_cache``.
 
 Two bridge semantics are reproduced on purpose:
@@ -30,11 +36,12 @@ token tensor; left padding (attention masks, shifted positions) is not modelled.
 from __future__ import annotations
 
 import types
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from hookpatch.errors import HookpatchError
@@ -47,6 +54,7 @@ from hookpatch.sweeps._fast_weights import (
     rope_table,
     unsupported_reason,
 )
+
 
 HookFn = Callable[[Tensor, Any], Tensor | None]
 BLOCK_POINTS = (
@@ -100,12 +108,147 @@ def _linear(x: Tensor, proj: Proj) -> Tensor:
     return F.linear(x, proj.weight, proj.bias)
 
 
+def _to_grid(
+    t: Float[Tensor, "n *rest"], batch: int, n_pos: int, index: Int[Tensor, " n"] | None
+) -> Float[Tensor, "batch n_pos *rest"]:
+    """Packed rows into a ``[batch, n_pos, ...]`` grid at flat ``index`` (None: all, in order)."""
+    if index is None:
+        return t.reshape(batch, n_pos, *t.shape[1:])
+    out = t.new_zeros(batch * n_pos, *t.shape[1:])
+    out.index_copy_(0, index, t)
+    return out.view(batch, n_pos, *t.shape[1:])
+
+
+def _from_grid(t: Float[Tensor, "batch n_pos *rest"], index: Int[Tensor, " n"] | None) -> Float[Tensor, "n *rest"]:
+    """The inverse of :func:`_to_grid`."""
+    flat = t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+    return flat if index is None else flat.index_select(0, index)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Which (row, position) pairs a forward computes, packed as the rows of 2-D matrices.
+
+    Packed tensors are ``[n, ...]``. Hooks see the ``[batch, n_pos, ...]`` grid (:meth:`full`,
+    :meth:`pack`); attention runs on the grid of just the rows with a computed position,
+    ``rows`` (:meth:`attn_full`, :meth:`attn_pack`; :meth:`widen` and :meth:`narrow` convert
+    its row axis for hooks). ``index`` and ``attn_index`` are each packed row's flat index
+    ``row * n_pos + column`` into those grids, None when the packed rows are the whole grid in
+    order (the conversions are then reshapes); grid entries not computed are zeros.
+    """
+
+    batch: int
+    n_pos: int
+    index: Int[Tensor, " n"] | None
+    pos: Int[Tensor, " n"]  # absolute position of each packed row
+    mask: Bool[Tensor, "..."]  # the keys each query of the attention grid may attend
+    rope: tuple[Tensor, Tensor] | None  # cos, sin at ``pos``: [n, d_head] each
+    causal: bool  # queries and keys are positions 0..n_pos-1: ``mask`` is plain causal
+    rows: Int[Tensor, " n_rows"] | None = None  # None: every row
+    attn_index: Int[Tensor, " n"] | None = None  # into the attention grid; ``index`` when rows is None
+
+    def full(self, t: Float[Tensor, "n *rest"]) -> Float[Tensor, "batch n_pos *rest"]:
+        """``[n, ...]`` -> ``[batch, n_pos, ...]`` (a view when nothing is skipped)."""
+        return _to_grid(t, self.batch, self.n_pos, self.index)
+
+    def pack(self, t: Float[Tensor, "batch n_pos *rest"]) -> Float[Tensor, "n *rest"]:
+        """``[batch, n_pos, ...]`` -> ``[n, ...]``, the inverse of :meth:`full`."""
+        return _from_grid(t, self.index)
+
+    def attn_full(self, t: Float[Tensor, "n *rest"]) -> Float[Tensor, "n_rows n_pos *rest"]:
+        """``[n, ...]`` -> ``[n_rows, n_pos, ...]``, the grid attention runs on."""
+        if self.rows is None:
+            return self.full(t)
+        return _to_grid(t, self.rows.shape[0], self.n_pos, self.attn_index)
+
+    def attn_pack(self, t: Float[Tensor, "n_rows n_pos *rest"]) -> Float[Tensor, "n *rest"]:
+        """The inverse of :meth:`attn_full`."""
+        return self.pack(t) if self.rows is None else _from_grid(t, self.attn_index)
+
+    def widen(self, t: Float[Tensor, "n_rows *rest"]) -> Float[Tensor, "batch *rest"]:
+        """Attention rows -> all rows (zeros in the others), for a hook."""
+        if self.rows is None:
+            return t
+        return t.new_zeros(self.batch, *t.shape[1:]).index_copy_(0, self.rows, t)
+
+    def narrow(self, t: Float[Tensor, "batch *rest"]) -> Float[Tensor, "n_rows *rest"]:
+        """All rows -> attention rows, the inverse of :meth:`widen`."""
+        return t if self.rows is None else t.index_select(0, self.rows)
+
+
+def _fire_packed(
+    bound: dict[str, tuple[HookFn, FastHook]], point: str, x: Tensor, layout: _Layout
+) -> Tensor:
+    """:func:`_fire` for a packed activation: the callback sees (and returns) the full layout."""
+    if point not in bound:
+        return x
+    return layout.pack(_fire(bound, point, layout.full(x)))
+
+
+def _fire_rows(
+    bound: dict[str, tuple[HookFn, FastHook]], point: str, x: Tensor, layout: _Layout
+) -> Tensor:
+    """:func:`_fire` for an activation over the attention rows: the callback sees all rows."""
+    if point not in bound:
+        return x
+    return layout.narrow(_fire(bound, point, layout.widen(x)))
+
+
+def _all_keys(
+    new: Float[Tensor, "n kv_head d_head"],
+    layout: _Layout,
+    known: Float[Tensor, "known_batch known_pos kv_head d_head"] | None,
+) -> Float[Tensor, "n_rows key_pos kv_head d_head"]:
+    """Every key (or value) the attention rows attend: the computed ones plus the known ones.
+
+    A dense layout's rows all start at the same position: ``known`` is the shared prefix before
+    it (or None), prepended. A packed layout's ``known`` covers every position of row
+    ``r % known_batch``; the computed rows overwrite a per-row copy of it (one gather).
+    """
+    if layout.index is None:
+        new = new.view(layout.batch, layout.n_pos, *new.shape[1:])
+        if known is None:
+            return new
+        return torch.cat((known.expand(layout.batch, -1, -1, -1), new), dim=1)
+    if known is None:
+        raise AssertionError("a packed layout needs the frozen keys and values")
+    rows = torch.arange(layout.batch, device=new.device) if layout.rows is None else layout.rows
+    out = known[rows % known.shape[0]]  # [n_rows, pos, kv_head, d_head], a fresh tensor
+    index = layout.index if layout.rows is None else layout.attn_index
+    out.view(-1, *new.shape[1:]).index_copy_(0, index, new.to(out.dtype))
+    return out
+
+
+def _join(
+    x: Float[Tensor, "n_old d_model"] | None,
+    old: _Layout | None,
+    new: _Layout,
+    resid: Float[Tensor, "batch pos d_model"],
+) -> Float[Tensor, "n d_model"]:
+    """The packed rows of ``new`` (a superset of ``old``'s): ``x`` where ``old`` computed them,
+    ``resid`` for the rows joining now (all of them when ``old`` is None)."""
+    flat = resid.reshape(-1, resid.shape[-1])  # [batch * pos, d_model]
+    if x is None or old is None:
+        return flat if new.index is None else flat.index_select(0, new.index)
+    if old.index is None:  # old already covered every position
+        return x
+    if new.index is None:
+        out, where = flat.clone(), old.index
+    else:
+        out, where = flat.index_select(0, new.index), torch.searchsorted(new.index, old.index)
+    out[where] = x
+    return out
+
+
 class FastForward:
     """Runs blocks of a compatibility-mode TransformerBridge directly on its processed weights.
 
     Example:
         >>> fast = FastForward(model)
         >>> logits = fast.run(cache["blocks.3.hook_resid_pre"], 3, read_pos=last_pos)
+        >>> # rows patched from different positions: each computes only positions >= its own
+        >>> logits = fast.run(resid, 3, read_pos=last_pos, active_from=first_patched,
+        ...                   frozen_kv=frozen_kv_from_cache(cache, 3, model))
     """
 
     @staticmethod
@@ -152,23 +295,33 @@ class FastForward:
     def run(
         self,
         resid: Float[Tensor, "batch pos d_model"],
-        start: int,
+        start: int | Int[Tensor, " batch"],
         *,
         hooks: Mapping[str, HookFn] = NO_HOOKS,
-        read_pos: Int[Tensor, "batch"] | Int[Tensor, "batch n_read"] | None = None,
+        read_pos: Int[Tensor, " batch"] | Int[Tensor, "batch n_read"] | None = None,
         offset: int = 0,
         prefix_kv: Sequence[tuple[Tensor, Tensor]] | None = None,
+        active_from: Int[Tensor, " batch"] | None = None,
+        frozen_kv: Sequence[tuple[Tensor, Tensor]] | None = None,
     ) -> Float[Tensor, "batch pos d_vocab"] | Float[Tensor, "batch n_read d_vocab"]:
         """Logits from running blocks ``start..`` on ``resid`` (positions ``offset..``).
 
         Args:
             resid: the residual stream at ``blocks.{start}.hook_resid_pre`` for absolute
                 positions ``[offset, offset + pos)`` (``start == n_layers``: the final one).
-            start: first block to run.
+                With ``active_from``, all positions; only row ``r``'s positions
+                ``>= active_from[r]`` are read.
+            start: first block to run; with ``active_from`` also one per row (``[batch]``):
+                row ``r`` joins at block ``start[r]`` (``resid[r]`` is the residual there), so
+                rows patched at different layers share one forward.
             hooks: TransformerLens hook name -> ``fn(activation, hook)`` returning the new
                 activation (or None to keep it); ``hook`` has ``.name``, ``.layer()`` and
                 ``.pos_offset`` (= ``offset``). Shapes are the bridge's, over the computed
                 positions; ``attn.hook_pattern`` is ``[batch, head, pos, offset + pos]``.
+                With ``active_from`` they cover all rows and positions (``pos_offset`` 0), but
+                entries at a row's frozen positions (before ``active_from``, or every position
+                in blocks before the row's ``start``) hold no meaningful values and edits to
+                them are ignored: those keep the unpatched run's values.
             read_pos: absolute positions whose logits to return, one (``[batch]``) or several
                 (``[batch, n_read]``) per row; None returns every position.
             offset: absolute position of ``resid[:, 0]``; positions before it come from
@@ -177,97 +330,200 @@ class FastForward:
                 each ``[batch or 1, offset, kv_head, d_head]``. ``k`` is the key the
                 attention uses: AFTER rotary for rotary models (``attn.hook_rot_k``), the
                 plain ``attn.hook_k`` otherwise. See :func:`prefix_kv_from_cache`.
+            active_from: per row, the first position to compute; the positions before it are
+                frozen at the unpatched run (which ``frozen_kv`` comes from), so an edit must
+                only touch a row's positions ``>= active_from``. Needs ``read_pos`` (each
+                ``>= active_from`` of its row) and ``frozen_kv``; excludes ``offset``.
+            frozen_kv: for each block ``l >= min(start)``, the unpatched run's ``(k, v)`` at
+                every position, ``[b, pos, kv_head, d_head]`` with ``b`` 1, ``batch`` or a
+                divisor of it (row ``r`` reads ``r % b``: variants stacked over ``b`` prompts
+                share them). ``k`` as in ``prefix_kv``. See :func:`frozen_kv_from_cache`.
 
         Returns:
             ``[batch, pos, d_vocab]`` logits, or ``[batch, n_read, d_vocab]`` with ``read_pos``.
         """
-        batch, n_new, d_model = resid.shape
-        if not 0 <= start <= self.n_layers:
-            raise HookpatchError(f"start={start} is not a block index 0..{self.n_layers}.")
+        batch, n_pos, d_model = resid.shape
         if d_model != self.d_model:
             raise HookpatchError(f"resid has d_model={d_model}; the model has {self.d_model}.")
-        self._check_prefix(prefix_kv, start, offset, batch)
-        bound = self._bind(hooks, start, offset)
-        reads = None if read_pos is None else self._read_index(read_pos, offset, n_new, batch)
-        n_keys = offset + n_new
-        query_pos = torch.arange(offset, n_keys, device=resid.device)  # [pos]
-        mask = ops.causal_mask(query_pos, n_keys)  # [1, pos, key_pos]
-        rope_new = self._rope(n_keys, slice(offset, n_keys))
-        x = resid
-        for layer in range(start, self.n_layers):
-            lh = bound[layer - start]
-            kv = None if prefix_kv is None else prefix_kv[layer - start]
+        if active_from is None:
+            if not isinstance(start, int):
+                raise HookpatchError("a start per row needs active_from (and frozen_kv).")
+            if frozen_kv is not None:
+                raise HookpatchError("frozen_kv is only read with active_from; pass both.")
+            self._check_start(start)
+            self._check_prefix(prefix_kv, start, offset, batch)
+            layout = self._dense_layout(batch, n_pos, offset, resid.device)
+            x: Tensor = resid.reshape(batch * n_pos, d_model)  # [n, d_model]
+            return self._run_blocks(x, layout, start, {}, None, hooks, read_pos, offset, prefix_kv)
+        if offset or prefix_kv is not None:
+            raise HookpatchError(
+                "active_from (a frozen prefix per row) and offset/prefix_kv (one shared "
+                "prefix) are alternatives; pass one of them."
+            )
+        starts = self._check_starts(start, batch).to(resid.device)
+        active_from = self._check_active(active_from, read_pos, batch, n_pos).to(resid.device)
+        first = int(starts.min())
+        self._check_frozen(frozen_kv, first, batch, n_pos)
+        joins = {  # block -> the layout once the rows starting there have joined
+            int(layer): self._packed_layout(active_from, n_pos, starts <= layer)
+            for layer in starts.unique().tolist()
+        }
+        return self._run_blocks(None, None, first, joins, resid, hooks, read_pos, 0, frozen_kv)
+
+    def _run_blocks(
+        self,
+        x: Float[Tensor, "n d_model"] | None,
+        layout: _Layout | None,
+        first: int,
+        joins: dict[int, _Layout],
+        resid: Float[Tensor, "batch pos d_model"] | None,
+        hooks: Mapping[str, HookFn],
+        read_pos: Tensor | None,
+        offset: int,
+        known: Sequence[tuple[Tensor, Tensor]] | None,
+    ) -> Tensor:
+        """Blocks ``first..`` then the unembedding, on ``x`` packed by ``layout``; in per-row
+        mode both start None and rows join from ``resid`` at the blocks ``joins`` names."""
+        bound = self._bind(hooks, first, offset)
+        reads = None
+        for layer in range(first, self.n_layers + 1):
+            if layer in joins:
+                assert resid is not None
+                x, layout = _join(x, layout, joins[layer], resid), joins[layer]
+            assert x is not None and layout is not None
+            if reads is None and read_pos is not None and max(joins, default=first) <= layer:
+                reads = self._read_index(read_pos.to(x.device), offset, layout.n_pos, layout.batch)
+                read_rows = self._packed_rows(layout, reads)  # [batch, n_read]
+            if layer == self.n_layers:
+                break
+            lh = bound[layer - first]
+            kv = None if known is None or (joins and layout.index is None) else known[layer - first]
             if reads is not None and layer == self.n_layers - 1 and lh.keys() <= ALL_ROW_POINTS:
-                read_abs = reads + offset  # [batch, n_read]
-                read_mask = ops.causal_mask(read_abs, n_keys)  # [batch, 1, n_read, key_pos]
-                rope_read = self._rope(n_keys, read_abs)
-                x = self._block(x, layer, lh, read_mask, rope_read, rope_new, kv, reads)
-                reads = None  # the block returned just the read rows
+                queries = self._read_layout(reads + offset, layout.n_pos + offset)
+                x = self._block(x, layer, lh, layout, queries, read_rows.flatten(), kv)
+                read_pos = reads = None  # the block returned just the read rows
             else:
-                x = self._block(x, layer, lh, mask, rope_new, rope_new, kv, None)
+                x = self._block(x, layer, lh, layout, layout, None, kv)
+        assert layout is not None
         if reads is not None:
-            x = ops.gather_rows(x, reads)  # [batch, n_read, d_model]
-        return _linear(self._ln_final(x), self._unembed)
+            x = x[read_rows.flatten()]  # [batch * n_read, d_model]
+        logits = _linear(self._ln_final(x), self._unembed)
+        return logits.view(layout.batch, -1, logits.shape[-1])
 
     def _block(
         self,
-        x: Float[Tensor, "batch pos d_model"],
+        x: Float[Tensor, "n d_model"],
         layer: int,
         lh: dict[str, tuple[HookFn, FastHook]],
-        mask: Tensor,
-        rope_q: tuple[Tensor, Tensor] | None,
-        rope_k: tuple[Tensor, Tensor] | None,
+        keys: _Layout,
+        queries: _Layout,
+        query_rows: Int[Tensor, " n_query"] | None,
         kv: tuple[Tensor, Tensor] | None,
-        reads: Int[Tensor, "batch n_read"] | None,
-    ) -> Float[Tensor, "batch _ d_model"]:
-        """One block; with ``reads`` only those query rows are computed and returned."""
+    ) -> Float[Tensor, "_ d_model"]:
+        """One block on packed rows ``x`` (laid out by ``keys``); with ``query_rows`` only those
+        rows (laid out by ``queries``) go past the keys and values, and are returned."""
         w = self._layers[layer]
-        x = _fire(lh, "hook_resid_pre", x)
-        h = w.ln1(x)  # [batch, pos, d_model]
-        hq, xq = (h, x)  # the query rows
-        if reads is not None:
-            hq, xq = ops.gather_rows(h, reads), ops.gather_rows(x, reads)
-        q = _fire(lh, "attn.hook_q", _linear(hq, w.q).unflatten(-1, (self.n_heads, self.d_head)))
-        k = _fire(lh, "attn.hook_k", _linear(h, w.k).unflatten(-1, (self.n_kv_heads, self.d_head)))
-        v = _fire(lh, "attn.hook_v", _linear(h, w.v).unflatten(-1, (self.n_kv_heads, self.d_head)))
-        if rope_q is not None and rope_k is not None:
-            q = _fire(lh, "attn.hook_rot_q", ops.apply_rotary(q, *rope_q))
-            k = _fire(lh, "attn.hook_rot_k", ops.apply_rotary(k, *rope_k))
-        if kv is not None:  # prepend the known prefix: [batch, offset + pos, kv_head, d_head]
-            k = torch.cat((kv[0].expand(x.shape[0], -1, -1, -1), k), dim=1)
-            v = torch.cat((kv[1].expand(x.shape[0], -1, -1, -1), v), dim=1)
-        scores = _fire(lh, "attn.hook_attn_scores", ops.attention_scores(q, k, mask, w.scale))
-        pattern = ops.attention_pattern(scores, float32_softmax=w.float32_softmax)
-        pattern = _fire(lh, "attn.hook_pattern", pattern)  # [batch, head, pos, key_pos]
-        z = _fire(lh, "attn.hook_z", ops.mix_values(pattern, v))  # [batch, pos, head, d_head]
-        attn_out = _fire(lh, "hook_attn_out", _linear(z.flatten(-2), w.o))
-        mid = xq + attn_out  # [batch, pos, d_model]
-        mlp_in = _fire(lh, "hook_resid_mid", mid)
+        x = _fire_packed(lh, "hook_resid_pre", x, keys)
+        h = w.ln1(x)  # [n, d_model]
+        hq, xq = (h, x) if query_rows is None else (h[query_rows], x[query_rows])
+        q = _linear(hq, w.q).unflatten(-1, (self.n_heads, self.d_head))  # [n_query, head, d_head]
+        q = _fire_packed(lh, "attn.hook_q", q, queries)
+        k = _linear(h, w.k).unflatten(-1, (self.n_kv_heads, self.d_head))  # [n, kv_head, d_head]
+        k = _fire_packed(lh, "attn.hook_k", k, keys)
+        v = _fire_packed(lh, "attn.hook_v", _linear(h, w.v).unflatten(-1, (self.n_kv_heads, self.d_head)), keys)
+        if queries.rope is not None and keys.rope is not None:
+            q = _fire_packed(lh, "attn.hook_rot_q", ops.apply_rotary(q, *queries.rope), queries)
+            k = _fire_packed(lh, "attn.hook_rot_k", ops.apply_rotary(k, *keys.rope), keys)
+        k_all = _all_keys(k, keys, None if kv is None else kv[0])  # [rows, key_pos, kv_head, d_head]
+        v_all = _all_keys(v, keys, None if kv is None else kv[1])
+        q_all = queries.attn_full(q)  # [rows, pos, head, d_head]
+        fused = queries.causal and q.dtype == torch.float32
+        if fused and "attn.hook_attn_scores" not in lh and "attn.hook_pattern" not in lh:
+            z = ops.causal_attention(q_all, k_all, v_all, w.scale)
+        else:
+            scores = ops.attention_scores(q_all, k_all, queries.mask, w.scale)
+            scores = _fire_rows(lh, "attn.hook_attn_scores", scores, queries)  # [rows, head, pos, key_pos]
+            pattern = ops.attention_pattern(scores, float32_softmax=w.float32_softmax)
+            pattern = _fire_rows(lh, "attn.hook_pattern", pattern, queries)
+            z = ops.mix_values(pattern, v_all)
+        z = _fire_rows(lh, "attn.hook_z", z, queries)  # [rows, pos, head, d_head]
+        attn_out = _linear(queries.attn_pack(z).flatten(-2), w.o)  # [n_query, d_model]
+        attn_out = _fire_packed(lh, "hook_attn_out", attn_out, queries)
+        mid = xq + attn_out
+        mlp_in = _fire_packed(lh, "hook_resid_mid", mid, queries)
         if self.resid_mid_edits_residual:
             mid = mlp_in
-        mlp_out = _fire(lh, "hook_mlp_out", self._mlp(w.ln2(mlp_in), w, lh))
-        return _fire(lh, "hook_resid_post", mid + mlp_out)
+        mlp_out = _fire_packed(lh, "hook_mlp_out", self._mlp(w.ln2(mlp_in), w, lh, queries), queries)
+        return _fire_packed(lh, "hook_resid_post", mid + mlp_out, queries)
 
     @staticmethod
     def _mlp(
-        h: Float[Tensor, "batch pos d_model"],
+        h: Float[Tensor, "n d_model"],
         w: LayerWeights,
         lh: dict[str, tuple[HookFn, FastHook]],
-    ) -> Float[Tensor, "batch pos d_model"]:
+        layout: _Layout,
+    ) -> Float[Tensor, "n d_model"]:
         """``act(h W_in) W_out``, or ``(act(h W_gate) * h W_in) W_out`` when gated."""
         if w.gate is None:
-            post = w.act(_fire(lh, "mlp.hook_pre", _linear(h, w.mlp_in)))  # [batch, pos, d_mlp]
+            pre = _fire_packed(lh, "mlp.hook_pre", _linear(h, w.mlp_in), layout)  # [n, d_mlp]
+            post = w.act(pre)
         else:
-            pre = _fire(lh, "mlp.hook_pre", _linear(h, w.gate))
-            post = w.act(pre) * _fire(lh, "mlp.hook_pre_linear", _linear(h, w.mlp_in))
-        return _linear(_fire(lh, "mlp.hook_post", post), w.mlp_out)
+            pre = _fire_packed(lh, "mlp.hook_pre", _linear(h, w.gate), layout)
+            post = w.act(pre) * _fire_packed(lh, "mlp.hook_pre_linear", _linear(h, w.mlp_in), layout)
+        return _linear(_fire_packed(lh, "mlp.hook_post", post, layout), w.mlp_out)
+
+    # ------------------------------------------------------------------------ layouts
+
+    def _dense_layout(self, batch: int, n_pos: int, offset: int, device: torch.device) -> _Layout:
+        """Every row computes positions ``offset..offset + n_pos - 1``."""
+        query_pos = torch.arange(offset, offset + n_pos, device=device)  # [n_pos]
+        pos = query_pos.repeat(batch)  # [batch * n_pos]
+        mask = ops.causal_mask(query_pos, offset + n_pos)  # [1, n_pos, key_pos]
+        return _Layout(batch, n_pos, None, pos, mask, self._rope(pos), causal=offset == 0)
+
+    def _packed_layout(
+        self, active_from: Int[Tensor, " batch"], n_pos: int, started: Bool[Tensor, " batch"]
+    ) -> _Layout:
+        """Started row ``r`` computes positions ``active_from[r]..n_pos - 1``, the others none
+        (a plain reshape when every position is computed)."""
+        columns = torch.arange(n_pos, device=active_from.device)  # [n_pos]
+        mask = ops.causal_mask(columns, n_pos)  # [1, n_pos, key_pos]
+        active = (columns >= active_from.unsqueeze(-1)) & started.unsqueeze(-1)  # [batch, n_pos]
+        if bool(active.all()):
+            pos = columns.repeat(active.shape[0])
+            return _Layout(active.shape[0], n_pos, None, pos, mask, self._rope(pos), causal=True)
+        index = active.flatten().nonzero().squeeze(-1)  # [n]
+        pos = index % n_pos
+        rows = attn_index = None
+        if not bool(started.all()):
+            rows = started.nonzero().squeeze(-1)  # [n_rows]
+            attn_index = active[rows].flatten().nonzero().squeeze(-1)  # [n]
+        return _Layout(active.shape[0], n_pos, index, pos, mask, self._rope(pos), True, rows, attn_index)
+
+    def _read_layout(self, read_abs: Int[Tensor, "batch n_read"], n_keys: int) -> _Layout:
+        """The read positions as the only queries of the last block (``[batch, n_read]``)."""
+        pos = read_abs.flatten()
+        mask = ops.causal_mask(read_abs, n_keys)  # [batch, 1, n_read, key_pos]
+        return _Layout(read_abs.shape[0], read_abs.shape[1], None, pos, mask, self._rope(pos), causal=False)
+
+    @staticmethod
+    def _packed_rows(layout: _Layout, reads: Int[Tensor, "batch n_read"]) -> Int[Tensor, "batch n_read"]:
+        """The packed row of each read (column ``reads[r, j]`` of row ``r``)."""
+        rows = torch.arange(layout.batch, device=reads.device).unsqueeze(-1)  # [batch, 1]
+        flat = rows * layout.n_pos + reads
+        if layout.index is None:
+            return flat
+        slot = torch.full((layout.batch * layout.n_pos,), -1, dtype=torch.long, device=reads.device)
+        slot[layout.index] = torch.arange(layout.index.shape[0], device=reads.device)
+        return slot[flat]
 
     # ------------------------------------------------------------------------ helpers
 
-    def _rope(self, n_keys: int, positions: Tensor | slice) -> tuple[Tensor, Tensor] | None:
-        """cos/sin at ``positions`` (an index tensor or a slice), growing the table as needed."""
+    def _rope(self, positions: Int[Tensor, " n"]) -> tuple[Tensor, Tensor] | None:
+        """cos/sin at ``positions``, growing the table as needed."""
         if self._cos is None or self._sin is None:
             return None
+        n_keys = int(positions.max()) + 1 if positions.numel() else 0
         if n_keys > self._cos.shape[0]:
             self._cos, self._sin = rope_table(self._model, max(n_keys, 2 * self._cos.shape[0]))
         return self._cos[positions], self._sin[positions]
@@ -294,6 +550,31 @@ class FastForward:
             bound[layer - start][point] = (fn, FastHook(name, layer, offset))
         return bound
 
+    def _check_kv(
+        self,
+        kv: Sequence[tuple[Tensor, Tensor]],
+        what: str,
+        start: int,
+        n_pos: int,
+        batch_ok: Callable[[int], bool],
+        batch_text: str,
+        note: str = "",
+    ) -> None:
+        """One ``[b, n_pos, kv_head, d_head]`` ``(k, v)`` pair per block run, ``batch_ok(b)``."""
+        if len(kv) != self.n_layers - start:
+            raise HookpatchError(
+                f"{what} has {len(kv)} entries; expected one (k, v) per block "
+                f"{start}..{self.n_layers - 1} ({self.n_layers - start})."
+            )
+        expected = (n_pos, self.n_kv_heads, self.d_head)
+        for i, (k, v) in enumerate(kv):
+            for name, t in (("k", k), ("v", v)):
+                if t.ndim != 4 or tuple(t.shape[1:]) != expected or not batch_ok(t.shape[0]):
+                    raise HookpatchError(
+                        f"{what}[{i}] {name} has shape {tuple(t.shape)}; expected "
+                        f"[{batch_text}, {n_pos}, {self.n_kv_heads}, {self.d_head}]{note}."
+                    )
+
     def _check_prefix(
         self,
         prefix_kv: Sequence[tuple[Tensor, Tensor]] | None,
@@ -311,19 +592,56 @@ class FastForward:
                     "positions (see prefix_kv_from_cache)."
                 )
             return
-        if len(prefix_kv) != self.n_layers - start:
+        self._check_kv(prefix_kv, "prefix_kv", start, offset, lambda b: b in (1, batch), f"1 or {batch}")
+
+    def _check_frozen(
+        self, frozen_kv: Sequence[tuple[Tensor, Tensor]] | None, start: int, batch: int, n_pos: int
+    ) -> None:
+        """``frozen_kv`` has one ``[b, n_pos, kv_head, d_head]`` pair per block run, ``b | batch``."""
+        if frozen_kv is None:
             raise HookpatchError(
-                f"prefix_kv has {len(prefix_kv)} entries; expected one (k, v) per block "
-                f"{start}..{self.n_layers - 1} ({self.n_layers - start})."
+                "active_from needs frozen_kv, the unpatched run's keys and values at every position "
+                "(see frozen_kv_from_cache)."
             )
-        expected = (offset, self.n_kv_heads, self.d_head)
-        for i, (k, v) in enumerate(prefix_kv):
-            for name, t in (("k", k), ("v", v)):
-                if t.ndim != 4 or tuple(t.shape[1:]) != expected or t.shape[0] not in (1, batch):
-                    raise HookpatchError(
-                        f"prefix_kv[{i}] {name} has shape {tuple(t.shape)}; expected "
-                        f"[1 or {batch}, {offset}, {self.n_kv_heads}, {self.d_head}]."
-                    )
+        ok = lambda b: b > 0 and batch % b == 0  # noqa: E731
+        note = f" with b dividing {batch} (row r reads r % b)"
+        self._check_kv(frozen_kv, "frozen_kv", start, n_pos, ok, "b", note)
+
+    def _check_start(self, start: int) -> None:
+        if not 0 <= start <= self.n_layers:
+            raise HookpatchError(f"start={start} is not a block index 0..{self.n_layers}.")
+
+    def _check_starts(self, start: int | Tensor, batch: int) -> Int[Tensor, " batch"]:
+        """``start`` as one block index per row, each in ``0..n_layers``."""
+        if isinstance(start, int):
+            self._check_start(start)
+            return torch.full((batch,), start, dtype=torch.long)
+        if tuple(start.shape) != (batch,):
+            raise HookpatchError(f"start has shape {tuple(start.shape)}; expected an int or [{batch}].")
+        start = start.long()
+        if bool(((start < 0) | (start > self.n_layers)).any()):
+            raise HookpatchError(f"start must lie in 0..{self.n_layers}; got {start.tolist()}.")
+        return start
+
+    @staticmethod
+    def _check_active(
+        active_from: Tensor, read_pos: Tensor | None, batch: int, n_pos: int
+    ) -> Int[Tensor, " batch"]:
+        """``active_from`` is ``[batch]`` in ``[0, n_pos)`` and no read lies before it."""
+        if tuple(active_from.shape) != (batch,):
+            raise HookpatchError(f"active_from has shape {tuple(active_from.shape)}; expected [{batch}].")
+        active_from = active_from.long()
+        if bool(((active_from < 0) | (active_from >= n_pos)).any()):
+            raise HookpatchError(f"active_from must lie in [0, {n_pos}); got {active_from.tolist()}.")
+        if read_pos is None:
+            raise HookpatchError("active_from needs read_pos: a row's frozen positions have no logits.")
+        first_read = read_pos if read_pos.ndim == 1 else read_pos.min(-1).values
+        if first_read.shape[0] == batch and bool((first_read < active_from).any()):
+            raise HookpatchError(
+                f"read_pos {read_pos.tolist()} reads before active_from {active_from.tolist()}; a "
+                "row's frozen positions have no logits (lower its active_from)."
+            )
+        return active_from
 
     @staticmethod
     def _read_index(
@@ -342,14 +660,8 @@ class FastForward:
         return rel
 
 
-def prefix_kv_from_cache(
-    cache: Mapping[str, Tensor] | Any, start: int, offset: int, model: Any
-) -> list[tuple[Tensor, Tensor]]:
-    """``(k, v)`` of positions ``0..offset-1`` for blocks ``start..``, from a full run's cache.
-
-    ``k`` is ``blocks.{l}.attn.hook_rot_k`` (after rotary) for rotary models and
-    ``blocks.{l}.attn.hook_k`` otherwise; ``v`` is ``blocks.{l}.attn.hook_v``. Slices are views.
-    """
+def _cached_kv(cache: Mapping[str, Tensor] | Any, start: int, model: Any) -> list[tuple[Tensor, Tensor]]:
+    """``(k, v)`` at every position for blocks ``start..`` (``k`` after rotary where rotary)."""
     key = "attn.hook_rot_k" if model.cfg.positional_embedding_type == "rotary" else "attn.hook_k"
     out = []
     for layer in range(start, model.cfg.n_layers):
@@ -361,5 +673,24 @@ def prefix_kv_from_cache(
                 f"the cache lacks {err.args[0]!r}; run with a names_filter that keeps "
                 f"'{key}' and 'attn.hook_v' for blocks {start}.."
             ) from None
-        out.append((k[:, :offset], v[:, :offset]))
+        out.append((k, v))
     return out
+
+
+def prefix_kv_from_cache(
+    cache: Mapping[str, Tensor] | Any, start: int, offset: int, model: Any
+) -> list[tuple[Tensor, Tensor]]:
+    """``(k, v)`` of positions ``0..offset-1`` for blocks ``start..``, from a full run's cache.
+
+    ``k`` is ``blocks.{l}.attn.hook_rot_k`` (after rotary) for rotary models and
+    ``blocks.{l}.attn.hook_k`` otherwise; ``v`` is ``blocks.{l}.attn.hook_v``. Slices are views.
+    """
+    return [(k[:, :offset], v[:, :offset]) for k, v in _cached_kv(cache, start, model)]
+
+
+def frozen_kv_from_cache(
+    cache: Mapping[str, Tensor] | Any, start: int, model: Any
+) -> list[tuple[Tensor, Tensor]]:
+    """``(k, v)`` at every position for blocks ``start..``, from the unpatched run's cache: the
+    ``frozen_kv`` of :meth:`FastForward.run` (keys as in :func:`prefix_kv_from_cache`; no copies)."""
+    return _cached_kv(cache, start, model)
