@@ -64,6 +64,18 @@ class SweepResult:
             text += f" @ {self.labels['pos'][parts['pos']]}"
         return text.strip()
 
+    def cells(self) -> list[tuple[tuple[int, ...], dict[str, Any]]]:
+        """Every cell's index and a row of its axis indices and labels (``"layer_label"``, …, ``"label"``)."""
+        out = []
+        for index in itertools.product(*(range(n) for n in self.shape)):
+            row: dict[str, Any] = {}
+            for axis, i in zip(self.axes, index):
+                row[axis] = i
+                row[f"{axis}_label"] = self.labels[axis][i]
+            row["label"] = self.cell_label(index)
+            out.append((index, row))
+        return out
+
     def to_dataframe(self, ci: bool = True) -> Any:
         """One row per cell: axis indices and labels, mean, and (optionally) the CI bounds."""
         import pandas as pd
@@ -71,12 +83,7 @@ class SweepResult:
         mean = self.mean()
         low, high = self.ci() if ci else (None, None)
         rows = []
-        for index in itertools.product(*(range(n) for n in self.shape)):
-            row: dict[str, Any] = {}
-            for axis, i in zip(self.axes, index):
-                row[axis] = i
-                row[f"{axis}_label"] = self.labels[axis][i]
-            row["label"] = self.cell_label(index)
+        for index, row in self.cells():
             row["mean"] = float(mean[index])
             if ci:
                 row["ci_low"], row["ci_high"] = float(low[index]), float(high[index])

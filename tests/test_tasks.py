@@ -151,3 +151,18 @@ def test_corruptions_share_the_clean_prompts(gpt2_model):
     sets = [ioi_prompts(gpt2_model, 12, corruption=c, seed=5) for c in ("s2", "abc")]
     assert sets[0].clean_prompts == sets[1].clean_prompts
     assert sets[0].corrupted_prompts != sets[1].corrupted_prompts
+
+
+def test_a_prompt_set_refuses_unpaired_tokens():
+    """Run without pytest's jaxtyping import hook, which would reject the shapes first."""
+    import subprocess
+    import sys
+
+    code = (
+        "import dataclasses; from hookpatch import tiny_model, pronoun_prompts\n"
+        "ps = pronoun_prompts(tiny_model('gpt2'))\n"
+        "dataclasses.replace(ps, corrupted_tokens=ps.corrupted_tokens[:, :9])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "HookpatchError: clean tokens (20, 10) and corrupted tokens (20, 9) differ in shape" in result.stderr

@@ -123,12 +123,6 @@ def site_attributions(
                 f"hook point {name!r} does not exist on this model; use a name from "
                 "model.hook_dict (e.g. 'blocks.0.hook_resid_pre')."
             )
-    if prompts.clean_tokens.shape != prompts.corrupted_tokens.shape:
-        raise HookpatchError(
-            f"clean tokens {tuple(prompts.clean_tokens.shape)} and corrupted tokens "
-            f"{tuple(prompts.corrupted_tokens.shape)} differ in shape; build the prompt set with "
-            "make_prompt_set, which pairs prompts of equal length."
-        )
     base_tokens, target_tokens = (
         (prompts.corrupted_tokens, prompts.clean_tokens)
         if direction == "denoising"

@@ -21,7 +21,6 @@ Cost: the two sweeps, plus ``n_resamples × cells × batch`` numbers for the boo
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -91,12 +90,7 @@ class Comparison:
         act = self.activation_effect.mean(-1)
         att = res.mean()
         rows = []
-        for index in itertools.product(*(range(n) for n in res.shape)):
-            row: dict[str, Any] = {}
-            for axis, i in zip(res.axes, index):
-                row[axis] = i
-                row[f"{axis}_label"] = res.labels[axis][i]
-            row["label"] = res.cell_label(index)
+        for index, row in res.cells():
             row["activation"] = float(act[index])
             row["attribution"] = float(att[index])
             row["difference"] = row["attribution"] - row["activation"]

@@ -144,12 +144,6 @@ class _Context:
     @classmethod
     def build(cls, model, prompts, component, by, layers, positions, heads, fast) -> "_Context":
         require_eval(model)
-        if prompts.clean_tokens.shape != prompts.corrupted_tokens.shape:
-            raise HookpatchError(
-                f"clean tokens {tuple(prompts.clean_tokens.shape)} and corrupted tokens "
-                f"{tuple(prompts.corrupted_tokens.shape)} differ in shape; build the prompt set "
-                "with make_prompt_set, which pairs prompts of equal length."
-            )
         grid = Grid.build(model, prompts, component, by, layers, positions, heads)
         runner = None
         if fast is not False:

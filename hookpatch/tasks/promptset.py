@@ -54,6 +54,14 @@ class PromptSet:
     pad_token_id: int
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.clean_tokens.shape != self.corrupted_tokens.shape:
+            raise HookpatchError(
+                f"clean tokens {tuple(self.clean_tokens.shape)} and corrupted tokens "
+                f"{tuple(self.corrupted_tokens.shape)} differ in shape; build the prompt set with "
+                "make_prompt_set, which pairs prompts of equal length."
+            )
+
     def __len__(self) -> int:
         return len(self.clean_prompts)
 
