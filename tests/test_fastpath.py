@@ -384,3 +384,22 @@ def test_bad_arguments_are_refused(llama_model):
         fast.run(resid, 0, hooks={"blocks.0.attn.hook_z": lambda z, h: z.sum(2)})
     with pytest.raises(HookpatchError, match="the cache lacks"):
         prefix_kv_from_cache({}, 0, 2, llama_model)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_run_with_cache_equals_the_bridge(family, gpt2_model, llama_model):
+    """The sweep's caches: the fast runner's full forward from the embeddings."""
+    from hookpatch.sweeps.patching import _cached_names
+    from hookpatch.sweeps.grid import Grid
+    from hookpatch.tasks.pronoun import pronoun_prompts
+
+    model = {"gpt2": gpt2_model, "llama": llama_model}[family]
+    prompts = pronoun_prompts(model, n=4)
+    fast = FastForward(model)
+    names = _cached_names(Grid.build(model, prompts, "z", ("layer", "head")), fast.rotary)
+    logits, cache = fast.run_with_cache(prompts.clean_tokens, names)
+    ref_logits, ref = model.run_with_cache(prompts.clean_tokens)
+    assert torch.allclose(logits, ref_logits, atol=1e-5)
+    assert sorted(cache) == sorted(names)
+    for name in names:
+        assert torch.allclose(cache[name], ref[name], atol=1e-5), name

@@ -292,6 +292,32 @@ class FastForward:
 
     # ----------------------------------------------------------------------------- run
 
+    def embed(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        """``blocks.0.hook_resid_pre``: token embeddings, plus learned positions where used."""
+        model = self._model
+        resid = model.W_E[tokens]
+        if not self.rotary:
+            resid = resid + model.W_pos[: tokens.shape[1]]
+        return resid
+
+    def run_with_cache(
+        self, tokens: Int[Tensor, "batch pos"], names: Sequence[str]
+    ) -> tuple[Float[Tensor, "batch pos d_vocab"], dict[str, Tensor]]:
+        """A full forward from the embeddings: all logits and copies of the ``names`` activations.
+
+        The fast counterpart of the bridge's ``run_with_cache`` for the activations a sweep
+        reads (equal to it, as the tests check); ``names`` must be hook points this runner fires.
+        """
+        store: dict[str, Tensor] = {}
+
+        def keep(act: Tensor, hook: Any) -> None:
+            store[hook.name] = act.detach().clone()
+
+        with torch.no_grad():
+            logits = self.run(self.embed(tokens), 0, hooks={n: keep for n in names if n != "blocks.0.hook_resid_pre"})
+            store["blocks.0.hook_resid_pre"] = self.embed(tokens).detach()
+        return logits, store
+
     def run(
         self,
         resid: Float[Tensor, "batch pos d_model"],

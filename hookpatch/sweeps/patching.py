@@ -126,6 +126,17 @@ def _fast_runner_class() -> Any:
     return FastForward
 
 
+def _cached_names(grid: Grid, rotary: bool) -> list[str]:
+    """What a fast sweep reads from the two runs: the patched component (the source), and the
+    residual stream and keys/values of every block (where variants join the run)."""
+    key = "attn.hook_rot_k" if rotary else "attn.hook_k"
+    hook = component_info(grid.component).hook_name
+    names = [hook(layer) for layer in grid.layers]
+    for layer in range(grid.facts.n_layers):
+        names += [f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.{key}", f"blocks.{layer}.attn.hook_v"]
+    return list(dict.fromkeys(names))
+
+
 @dataclass(frozen=True)
 class _Context:
     """Checked inputs of a sweep: its grid and cells, the runner and the two cached runs."""
@@ -154,8 +165,13 @@ class _Context:
                 raise HookpatchError("fast=True but this model's family has no fast path; pass fast=None.")
         cells = [Cell(layer, pos, head) for layer, pos, head in grid.cells()]
         with torch.no_grad():
-            clean_logits, clean_cache = model.run_with_cache(prompts.clean_tokens)
-            corrupted_logits, corrupted_cache = model.run_with_cache(prompts.corrupted_tokens)
+            if runner is not None:  # cache only what the sweep reads, with the fast runner
+                names = _cached_names(grid, runner.rotary)
+                clean_logits, clean_cache = runner.run_with_cache(prompts.clean_tokens, names)
+                corrupted_logits, corrupted_cache = runner.run_with_cache(prompts.corrupted_tokens, names)
+            else:
+                clean_logits, clean_cache = model.run_with_cache(prompts.clean_tokens)
+                corrupted_logits, corrupted_cache = model.run_with_cache(prompts.corrupted_tokens)
         return cls(
             model=model, prompts=prompts, component=component, grid=grid, cells=cells,
             fast=runner, clean_cache=clean_cache, corrupted_cache=corrupted_cache,
