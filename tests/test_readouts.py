@@ -146,3 +146,15 @@ def test_readout_bad_inputs(gpt2_model):
         dla_by_neuron(gpt2_model, prompts, LogitDiff(prompts), 7)
     with pytest.raises(HookpatchError, match="not a single token"):
         unembed_bias(gpt2_model, " he she", " she")
+
+
+def test_rank_heads_by_ablation_effect(gpt2_model):
+    from hookpatch.sweeps import ablation_sweep
+
+    prompts = pronoun_prompts(gpt2_model, n=6)
+    ablated = ablation_sweep(gpt2_model, prompts, LogitDiff(prompts), "z", progress=False)
+    table = rank_heads(ablated, k=1, baseline="clean")
+    effect = (ablated.values - ablated.clean).mean(-1).flatten()
+    assert table[table["sign"] == "negative"]["mean"].iloc[0] == pytest.approx(float(effect.min()), abs=1e-5)
+    with pytest.raises(HookpatchError, match="baseline='both'"):
+        rank_heads(ablated, baseline="both")

@@ -8,13 +8,24 @@ from hookpatch.errors import HookpatchError
 from hookpatch.results import SweepResult
 
 
-def rank_heads(result: SweepResult, k: int = 5) -> Any:
+def rank_heads(result: SweepResult, k: int = 5, *, baseline: str | None = None) -> Any:
     """A DataFrame of the ``k`` most positive and ``k`` most negative heads by mean.
 
     Columns: ``sign`` ("positive"/"negative"), ``rank``, ``label`` ("L9H7"), ``layer``,
     ``head``, ``mean``, ``ci_low``, ``ci_high`` — ready for the attention views.
+    ``baseline="clean"`` (or ``"corrupted"``) ranks the effect instead: each prompt's value
+    minus that run's metric, as an ablation or a patch is read.
     """
+    import dataclasses
+
     import pandas as pd
+
+    if baseline is not None:
+        if baseline not in ("clean", "corrupted") or getattr(result, baseline) is None:
+            raise HookpatchError(
+                f"baseline={baseline!r}: expected 'clean' or 'corrupted', a run this result has."
+            )
+        result = dataclasses.replace(result, values=result.values - getattr(result, baseline))
 
     if tuple(result.axes) != ("layer", "head"):
         raise HookpatchError(
