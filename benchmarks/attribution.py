@@ -55,7 +55,7 @@ def main() -> None:
                      "forward_equivalents": atp / forward})
         print(f"{name:8s} attribution heads_by_pos {atp:6.3f}s = {atp / forward:4.2f} forwards ({forward:.3f}s each)",
               flush=True)
-    out = {"clock": "process CPU seconds (one torch thread)", "model": "gpt2-small shape, random weights",
+    out = {"clock": "CPU seconds of the main thread (one torch thread)", "model": "gpt2-small shape, random weights",
            "results": rows}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2))
