@@ -38,7 +38,6 @@ heads each KV head feeds.
 
 from __future__ import annotations
 
-import itertools
 from typing import Any, Sequence
 
 import torch
@@ -167,8 +166,3 @@ def _per_position(attribution: Tensor, component: str) -> Tensor:
     if component == "pattern":  # [batch, head, query_pos, key_pos] → sum keys → [batch, query_pos, head]
         return attribution.sum(-1).transpose(1, 2)
     return attribution.sum(-1)
-
-
-def grid_cells(result: SweepResult) -> list[tuple[int, ...]]:
-    """Every cell index of ``result``'s grid, in ``values`` order."""
-    return list(itertools.product(*(range(n) for n in result.shape)))

@@ -9,7 +9,7 @@ prompt) or a per-prompt tensor.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from jaxtyping import Bool, Int
@@ -112,12 +112,3 @@ def activation_mask(
 def pos_dim(component: str) -> int:
     """The (query) position axis of ``component``'s activation."""
     return 2 if component == "pattern" else 1
-
-
-def describe_positions(positions: Any) -> str:
-    """A short label for a positions argument."""
-    if positions is None:
-        return "all"
-    if isinstance(positions, Tensor):
-        return "per-prompt"
-    return str(positions)

@@ -34,11 +34,6 @@ class Component:
         """The TransformerLens hook name of this component at ``layer``."""
         return self.hook_template.format(layer=layer)
 
-    @property
-    def has_pos(self) -> bool:
-        """Whether the activation has a (query) position axis."""
-        return "pos" in self.axes or "query_pos" in self.axes
-
 
 COMPONENTS: dict[str, Component] = {
     c.name: c

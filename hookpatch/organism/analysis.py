@@ -194,44 +194,6 @@ def head_attention(model: Any, prompts: Sequence[corpus.IOIPrompt], heads: Seque
     return out
 
 
-@torch.no_grad()
-def inhibition_effect(model: Any, prompts: Sequence[corpus.IOIPrompt], sender: tuple[int, int],
-                      receiver: tuple[int, int]) -> dict[str, float]:
-    """How ``sender``'s output steers ``receiver``'s attention from the final position.
-
-    Zero-ablates ``sender`` (its ``hook_z`` at the final position) and reports the
-    receiver's mean attention END->IO and END->S1 with and without the ablation, and the
-    logit difference before and after. An S-inhibition-like sender makes the receiver
-    prefer IO over S1; without it the receiver splits its attention between the two names.
-    """
-    template = prompts[0].template
-    prompts = [p for p in prompts if p.template == template]
-    toks = _tokens(model, [p.text for p in prompts])
-    io_ids = torch.tensor([single_id(model, p.io) for p in prompts])
-    s_ids = torch.tensor([single_id(model, p.s) for p in prompts])
-    rows = torch.arange(len(prompts))
-    io_pos = torch.tensor([(toks[i] == io_ids[i]).nonzero().flatten()[0].item() for i in rows])
-    s1_pos = torch.tensor([(toks[i] == s_ids[i]).nonzero().flatten()[0].item() for i in rows])
-    layer, head = receiver
-    stored: dict[str, torch.Tensor] = {}
-
-    def keep(pattern, hook):
-        stored["p"] = pattern[:, head, -1].detach()
-        return pattern
-
-    def ablate(z, hook):
-        z[:, -1, sender[1]] = 0.0
-        return z
-
-    out = {}
-    for label, hooks in (("clean", []), ("ablated", [(f"blocks.{sender[0]}.attn.hook_z", ablate)])):
-        logits = model.run_with_hooks(toks, fwd_hooks=hooks + [(f"blocks.{layer}.attn.hook_pattern", keep)])
-        out[f"{label}_END->IO"] = stored["p"][rows, io_pos].mean().item()
-        out[f"{label}_END->S1"] = stored["p"][rows, s1_pos].mean().item()
-        out[f"{label}_logit_diff"] = (logits[rows, -1, io_ids] - logits[rows, -1, s_ids]).mean().item()
-    return out
-
-
 def report(model: Any) -> dict[str, Any]:
     """Every measurement of the model card, on the held-out evaluation sets."""
     import random
