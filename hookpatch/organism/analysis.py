@@ -48,34 +48,33 @@ def final_logits(model: Any, texts: Sequence[str]) -> torch.Tensor:
     return out
 
 
+def _answer_scores(model: Any, texts: Sequence[str], right: Sequence[str], wrong: Sequence[str],
+                   pair: str) -> dict[str, float]:
+    """Top-1 accuracy of ``right``, accuracy of ``right`` over ``wrong`` (key ``{pair}_accuracy``)
+    and the mean logit difference ``right - wrong`` at each text's last token."""
+    logits = final_logits(model, list(texts))
+    r = torch.tensor([single_id(model, a) for a in right])
+    w = torch.tensor([single_id(model, a) for a in wrong])
+    rows = torch.arange(len(texts))
+    diff = logits[rows, r] - logits[rows, w]
+    return {
+        "top1_accuracy": (logits.argmax(-1) == r).float().mean().item(),
+        f"{pair}_accuracy": (diff > 0).float().mean().item(),
+        "mean_logit_diff": diff.mean().item(),
+        "n": len(texts),
+    }
+
+
 def ioi_scores(model: Any, prompts: Sequence[corpus.IOIPrompt]) -> dict[str, float]:
     """Top-1 accuracy (IO is the argmax over the vocabulary), IO>S accuracy, mean logit diff."""
-    logits = final_logits(model, [p.text for p in prompts])
-    io = torch.tensor([single_id(model, p.io) for p in prompts])
-    s = torch.tensor([single_id(model, p.s) for p in prompts])
-    rows = torch.arange(len(prompts))
-    diff = logits[rows, io] - logits[rows, s]
-    return {
-        "top1_accuracy": (logits.argmax(-1) == io).float().mean().item(),
-        "io_over_s_accuracy": (diff > 0).float().mean().item(),
-        "mean_logit_diff": diff.mean().item(),
-        "n": len(prompts),
-    }
+    return _answer_scores(model, [p.text for p in prompts], [p.io for p in prompts], [p.s for p in prompts],
+                          "io_over_s")
 
 
 def pronoun_scores(model: Any, prompts: Sequence[corpus.PronounPrompt]) -> dict[str, float]:
     """Top-1 accuracy, right-over-wrong accuracy and mean logit diff (right - wrong)."""
-    logits = final_logits(model, [p.text for p in prompts])
-    right = torch.tensor([single_id(model, p.answer) for p in prompts])
-    wrong = torch.tensor([single_id(model, p.wrong) for p in prompts])
-    rows = torch.arange(len(prompts))
-    diff = logits[rows, right] - logits[rows, wrong]
-    return {
-        "top1_accuracy": (logits.argmax(-1) == right).float().mean().item(),
-        "right_over_wrong_accuracy": (diff > 0).float().mean().item(),
-        "mean_logit_diff": diff.mean().item(),
-        "n": len(prompts),
-    }
+    return _answer_scores(model, [p.text for p in prompts], [p.answer for p in prompts],
+                          [p.wrong for p in prompts], "right_over_wrong")
 
 
 @torch.no_grad()
