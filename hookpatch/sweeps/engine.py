@@ -57,7 +57,7 @@ class Run:
     """What a sweep patches into: the run's tokens and cache, and the per-layer sources."""
 
     tokens: Int[Tensor, "batch pos"]
-    cache: Any  # ActivationCache of the unpatched run (residual stream, keys, values)
+    cache: Any  # the unpatched run's activations (ActivationCache or dict): residual stream, keys, values
     sources: Callable[[int], Tensor]  # layer -> source activation, broadcastable to the hook's
 
 
