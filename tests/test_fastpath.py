@@ -11,6 +11,7 @@ from hookpatch.model.tiny import tiny_model
 from hookpatch.sweeps.fastpath import (
     BLOCK_POINTS,
     GATED_POINTS,
+    RESUME_POINTS,
     ROTARY_POINTS,
     FastForward,
     frozen_kv_from_cache,
@@ -126,6 +127,9 @@ def test_logits_match_bridge_from_every_start(any_model):
         torch.testing.assert_close(read[:, 0], logits[torch.arange(BATCH), read_pos], atol=ATOL, rtol=0)
         several = fast.run(resid, start, read_pos=torch.tensor([[1, 7]] * BATCH))
         torch.testing.assert_close(several, logits[:, [1, 7]], atol=ATOL, rtol=0)
+        normalized = fast.run(resid, start, read_pos=read_pos, unembed=False)  # ln_final.hook_normalized
+        assert normalized.shape == (BATCH, 1, model.cfg.d_model)
+        torch.testing.assert_close(fast.unembed(normalized), read, atol=ATOL, rtol=0)
 
 
 @torch.no_grad()
@@ -386,20 +390,64 @@ def test_bad_arguments_are_refused(llama_model):
         prefix_kv_from_cache({}, 0, 2, llama_model)
 
 
+@pytest.mark.parametrize("component", ["z", "mlp_out", "k"])
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_run_with_cache_equals_the_bridge(family, gpt2_model, llama_model):
+def test_run_with_cache_equals_the_bridge(family, component, gpt2_model, llama_model):
     """The sweep's caches: the fast runner's full forward from the embeddings."""
-    from hookpatch.sweeps.patching import _cached_names
-    from hookpatch.sweeps.grid import Grid
+    from hookpatch.sweeps.engine import fast_cache_names
     from hookpatch.tasks.pronoun import pronoun_prompts
 
     model = {"gpt2": gpt2_model, "llama": llama_model}[family]
     prompts = pronoun_prompts(model, n=4)
     fast = FastForward(model)
-    names = _cached_names(Grid.build(model, prompts, "z", ("layer", "head")), fast.rotary)
+    n = model.cfg.n_layers
+    names = fast_cache_names(component, range(n), n, fast.rotary)
     logits, cache = fast.run_with_cache(prompts.clean_tokens, names)
     ref_logits, ref = model.run_with_cache(prompts.clean_tokens)
     assert torch.allclose(logits, ref_logits, atol=1e-5)
     assert sorted(cache) == sorted(names)
     for name in names:
         assert torch.allclose(cache[name], ref[name], atol=1e-5), name
+    at_end, _ = fast.run_with_cache(prompts.clean_tokens, names, read_pos=prompts.end)
+    assert at_end.shape == (4, 1, model.cfg.d_vocab)
+    assert torch.allclose(at_end[:, 0], ref_logits[torch.arange(4), prompts.end], atol=1e-5)
+
+
+@pytest.mark.parametrize("edits_residual", [False, True])
+@pytest.mark.parametrize("point", RESUME_POINTS)
+def test_resume_block_finishes_the_block_as_run_does(any_model, point, edits_residual):
+    """From an edited activation after attention, the rest of the block as run() computes it."""
+    torch.manual_seed(0)
+    fast = FastForward(any_model, resid_mid_edits_residual=edits_residual)
+    tokens = tokens_for(any_model)
+    B, P = tokens.shape
+    layer = any_model.cfg.n_layers - 1
+    name = f"blocks.{layer}.{point}"
+    seen: dict[str, torch.Tensor] = {}
+
+    def edit(act, hook):
+        seen["act"] = act = act + 0.5 * torch.randn_like(act)
+        return act
+
+    def keep(act, hook):
+        seen[hook.name] = act.clone()
+
+    keepers = [f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.hook_resid_post"]
+    if point != "hook_resid_mid":  # the unedited resid_mid: capture it where it is not edited
+        keepers.append(f"blocks.{layer}.hook_resid_mid")
+    with torch.no_grad():
+        fast.run(fast.embed(tokens), 0, hooks={**{k: keep for k in keepers}, name: edit})
+        if point == "hook_resid_mid":
+            _, clean = fast.run_with_cache(tokens, [f"blocks.{layer}.hook_resid_mid"])
+            seen[f"blocks.{layer}.hook_resid_mid"] = clean[f"blocks.{layer}.hook_resid_mid"]
+        base = {
+            "attn.hook_z": "hook_resid_pre", "hook_attn_out": "hook_resid_pre",
+            "hook_resid_mid": "hook_resid_mid", "hook_mlp_out": "hook_resid_mid", "hook_resid_post": None,
+        }[point]
+        resid = None if base is None else seen[f"blocks.{layer}.{base}"].flatten(0, 1)
+        out = fast.resume_block(layer, point, resid, seen["act"].flatten(0, 1))
+    assert out.shape == (B * P, any_model.cfg.d_model)
+    post = seen["act"] if point == "hook_resid_post" else seen[f"blocks.{layer}.hook_resid_post"]
+    assert torch.allclose(out, post.flatten(0, 1), atol=1e-5)
+    with pytest.raises(HookpatchError, match="is not one of"):
+        fast.resume_block(layer, "attn.hook_q", resid, seen["act"].flatten(0, 1))

@@ -11,7 +11,7 @@ from transformer_lens import patching
 
 from hookpatch.errors import HookpatchError
 from hookpatch.hooks.factory import ablate_hook, patch_hook
-from hookpatch.metrics import AnswerLoss, LogitDiff, Normalized
+from hookpatch.metrics import AnswerLoss, AnswerProbability, KLToClean, LogitDiff, Normalized
 from hookpatch.model.facts import COMPONENTS, model_facts
 from hookpatch.results import SweepResult
 from hookpatch.sweeps.patching import ablation_sweep, patch_sweep
@@ -24,8 +24,12 @@ RUNNERS = [False, None]  # the bridge's hooks, and the default (fast path where 
 
 
 def hand_patch(act, hook, pos, head, src):
-    """The notebook's hook: overwrite one slice of the activation with the source's."""
-    act = act.clone()
+    """The notebook's hook: overwrite one slice of the activation with the source's.
+
+    In place at hook_resid_mid, as TransformerLens' own setters do: there the bridge passes a
+    returned tensor on to the MLP only, not to the residual sum."""
+    if not hook.name.endswith("hook_resid_mid"):
+        act = act.clone()
     if head is None:
         act[:, pos] = src[:, pos]
     elif hook.name.endswith("hook_pattern"):
@@ -151,6 +155,53 @@ def test_heads_by_position_equal_transformerlens(model, small_prompts, component
         tl = tl.transpose(1, 2)
     for result in both_runners(model, prompts, metric, component, by=("layer", "pos", "head"), direction=direction):
         assert torch.allclose(result.mean(), tl, atol=ATOL)
+
+
+METRIC_KINDS = {  # linear (read through directions), non-linear (through logits), a plain callable
+    "logit_diff": lambda m, p: LogitDiff(p),
+    "normalized": lambda m, p: Normalized.from_model(m, LogitDiff(p)),
+    "probability": lambda m, p: AnswerProbability(p),
+    "kl": lambda m, p: KLToClean.from_model(m, p),
+    "callable": lambda m, p: (lambda logits: LogitDiff(p)(logits) * logits[..., 0, 3]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(METRIC_KINDS))
+@pytest.mark.parametrize("component", ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "v"])
+def test_every_component_and_metric_kind_equals_the_loop(model, small_prompts, component, kind):
+    """Fast path (rows finishing the patched block where the patch is after attention; linear
+    metrics read through their directions) and bridge path against one forward per cell."""
+    prompts = small_prompts[id(model)]
+    metric = METRIC_KINDS[kind](model, prompts)
+    facts = model_facts(model)
+    by = ("layer", "pos") if COMPONENTS[component].head_axis is None else ("layer", "pos", "head")
+    positions = [0, 2, 5]
+    heads = [1] if len(by) == 3 else None
+    cells = [(l, p, h) for l in range(facts.n_layers) for p in positions for h in (heads or [None])]
+    loop = loop_reference(model, prompts, metric, component, cells, "noising")
+    for result in both_runners(model, prompts, metric, component, by=by, positions=positions,
+                               heads=heads, direction="noising"):
+        assert torch.allclose(result.values.reshape(len(cells), -1), loop, atol=ATOL)
+
+
+def test_named_positions_on_padded_prompts_equal_the_loop(gpt2_model):
+    """Rows whose patched position and END differ per prompt finish the block where each is."""
+    prompts = ioi_prompts(gpt2_model, 6, seed=4)
+    metric = AnswerLoss(prompts)
+    facts = model_facts(gpt2_model)
+    _, clean = gpt2_model.run_with_cache(prompts.clean_tokens)
+    names = ["S1", "S2", "END"]
+    for component, by in (("z", ("layer", "pos", "head")), ("mlp_out", ("layer", "pos"))):
+        result = patch_sweep(gpt2_model, prompts, metric, component, by=by, positions=names, progress=False)
+        for layer in range(facts.n_layers):
+            for j, name in enumerate(names):
+                for head in range(facts.n_heads) if component == "z" else [None]:
+                    cache = clean[COMPONENTS[component].hook_name(layer)]
+                    hook_name, hook = patch_hook(gpt2_model, component, layer, cache, positions=name, prompts=prompts, heads=head)
+                    with torch.no_grad():
+                        ref = metric(gpt2_model.run_with_hooks(prompts.corrupted_tokens, fwd_hooks=[(hook_name, hook)]))
+                    got = result.values[layer, j] if head is None else result.values[layer, j, head]
+                    assert torch.allclose(got, ref, atol=ATOL)
 
 
 def test_grouped_query_kv_sweeps_run_over_kv_heads(llama_model, small_prompts):

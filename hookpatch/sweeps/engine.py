@@ -13,8 +13,11 @@ Two runners execute a chunk:
   cell's layer (joining from the run's cached residual stream there) and from its first
   patched position on (earlier positions equal the unpatched run, whose cached keys and
   values they contribute), packing the computed (row, position) pairs of all cells, whatever
-  their layers, into the same matrices, so its FLOPs are close to the minimal ones; it
-  computes logits only where a :class:`Metric` reads (a plain callable gets every position);
+  their layers, into the same matrices, so its FLOPs are close to the minimal ones. A patch
+  after attention (z, attn_out, resid_mid, mlp_out, resid_post) changes only the rest of its
+  block at the patched positions: those rows finish the block there and join at the next one
+  (:data:`RESUMABLE`). It reads only where a :class:`Metric` reads (a plain callable gets
+  every position), and a linear metric through its residual directions, not the logits;
 - the generic path runs the bridge itself with ``run_with_hooks`` (any model the bridge loads).
 """
 
@@ -25,7 +28,7 @@ from functools import partial
 from typing import Any, Callable, Sequence
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -43,6 +46,17 @@ DEFAULT_BUDGET = 2 * 1024**3  # bytes
 FAST_CHUNK_PAIRS = 2048
 
 
+# component -> (its hook point in the block, the residual stream the rest of the block adds to):
+# the fast path finishes a patched block from there (FastForward.resume_block).
+RESUMABLE = {
+    "z": ("attn.hook_z", "hook_resid_pre"),
+    "attn_out": ("hook_attn_out", "hook_resid_pre"),
+    "resid_mid": ("hook_resid_mid", "hook_resid_mid"),
+    "mlp_out": ("hook_mlp_out", "hook_resid_mid"),
+    "resid_post": ("hook_resid_post", None),
+}
+
+
 @dataclass(frozen=True)
 class Cell:
     """One variant: patch ``component`` at ``layer``, at ``positions``, for ``heads``."""
@@ -57,8 +71,25 @@ class Run:
     """What a sweep patches into: the run's tokens and cache, and the per-layer sources."""
 
     tokens: Int[Tensor, "batch pos"]
-    cache: Any  # the unpatched run's activations (ActivationCache or dict): residual stream, keys, values
+    cache: Any  # the unpatched run's activations (ActivationCache or dict); the fast path's: fast_cache_names
     sources: Callable[[int], Tensor]  # layer -> source activation, broadcastable to the hook's
+
+
+def fast_cache_names(component: str, layers: Sequence[int], n_layers: int, rotary: bool) -> list[str]:
+    """What the fast path reads from a run's cache for a sweep of ``component`` at ``layers``: the
+    component (the source), every block's residual stream, keys and values (where rows join
+    and what frozen positions contribute), and for :data:`RESUMABLE` components the residual
+    the patched block's rest adds to and the final residual stream."""
+    key = "attn.hook_rot_k" if rotary else "attn.hook_k"
+    hook = component_info(component).hook_name
+    names = [hook(layer) for layer in layers]
+    for layer in range(n_layers):
+        names += [f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.{key}", f"blocks.{layer}.attn.hook_v"]
+    if component in RESUMABLE:
+        base = RESUMABLE[component][1]
+        names += [f"blocks.{layer}.{base}" for layer in layers] if base else []
+        names.append(f"blocks.{n_layers - 1}.hook_resid_post")
+    return list(dict.fromkeys(names))
 
 
 def run_cells(
@@ -121,12 +152,16 @@ def _chunks(order: list[int], size: int, weight: Sequence[int], cap: int | None)
     return chunks
 
 
+def _selected_positions(mask: Tensor, d: int, B: int) -> Bool[Tensor, "batch pos"]:
+    """Per prompt, the (query) positions where ``mask`` selects anything."""
+    along = mask.movedim(d, -1)
+    return along.reshape(along.shape[0], -1, along.shape[-1]).any(1).expand(B, -1)
+
+
 def _first_positions(mask: Tensor, d: int, B: int) -> Int[Tensor, " batch"]:
     """Per prompt, the earliest position ``mask`` selects (``n_pos`` where it selects none)."""
-    along = mask.movedim(d, -1)
-    along = along.reshape(along.shape[0], -1, along.shape[-1]).any(1)  # [1 or batch, pos]
-    first = torch.where(along.any(-1), along.int().argmax(-1), along.shape[-1])
-    return first.expand(B)
+    along = _selected_positions(mask, d, B)
+    return torch.where(along.any(-1), along.int().argmax(-1), along.shape[-1])
 
 
 def _bytes_per_variant(facts: ModelFacts, B: int, P: int, reads_only: bool) -> int:
@@ -171,11 +206,11 @@ def _run_chunk(
     """Metric values ``[V, B]`` for one chunk of cells."""
     B, P = run.tokens.shape
     V = len(cells)
-    hooks = _stacked_hooks(component, cells, masks, run, B, d)
     with torch.no_grad():
         if fast is not None:
-            values = _run_fast(model, fast, cells, hooks, first_pos, run, metric)
+            values = _run_fast(model, fast, component, cells, masks, first_pos, run, metric, d)
         else:
+            hooks = _stacked_hooks(component, cells, masks, run, B, d)
             logits = model.run_with_hooks(run.tokens.repeat(V, 1), fwd_hooks=list(hooks.items()))
             values = metric(logits.reshape(V, B, P, -1))
     if not isinstance(values, Tensor) or tuple(values.shape) != (V, B):
@@ -190,35 +225,110 @@ def _run_chunk(
 def _run_fast(
     model: Any,
     fast: Any,
+    component: str,
     cells: Sequence[Cell],
-    hooks: dict[str, partial],
+    masks: Sequence[Tensor],
     first_pos: Int[Tensor, "variant batch"],
     run: Run,
     metric: Metric | Callable[[Tensor], Tensor],
+    d: int,
 ) -> Tensor:
-    """The fast path: variant ``v``'s rows join at its cell's layer and compute from their
-    first patched position (or read position, if earlier) on."""
-    from hookpatch.sweeps.fastpath import frozen_kv_from_cache
-
+    """The fast path: variant ``v``'s rows join at its cell's layer (or, for a
+    :data:`RESUMABLE` component, at the next one) and compute from their first patched
+    position (or read position, if earlier) on."""
     V, B = first_pos.shape
     P = run.tokens.shape[1]
-    layers = [c.layer for c in cells]
-    first = min(layers)
-    per_layer = torch.stack([run.cache[f"blocks.{l}.hook_resid_pre"] for l in range(first, max(layers) + 1)])
-    which = torch.tensor(layers, device=per_layer.device) - first  # [V]
-    resid = per_layer[which].flatten(0, 1)  # [V * B, P, d_model]: each row's residual at its layer
-    start = torch.tensor(layers).repeat_interleave(B)  # [V * B]
+    layers = torch.tensor([c.layer for c in cells])  # [V]
+    if component in RESUMABLE:
+        resid = _finish_patched_blocks(fast, component, cells, masks, run, B, d)
+        start, hooks = layers + 1, {}
+    else:
+        resid = torch.cat([run.cache[f"blocks.{c.layer}.hook_resid_pre"] for c in cells])
+        start, hooks = layers, _stacked_hooks(component, cells, masks, run, B, d)
     if isinstance(metric, Metric):
         read = metric.read_positions.to(first_pos.device)  # [B]
-        active_from = torch.minimum(first_pos, read)  # [V, B]
-        read_pos = read.repeat(V)  # [V * B]
+        active_from = torch.minimum(first_pos, read).flatten()  # [V * B]
+        read_pos = read.repeat(V).unsqueeze(-1)  # [V * B, 1]
     else:  # a callable may read any position: return them all
-        active_from = torch.zeros_like(first_pos)
+        active_from = torch.zeros(V * B, dtype=torch.long)
         read_pos = torch.arange(P).expand(V * B, P)
-    logits = fast.run(
-        resid, start, hooks=hooks, read_pos=read_pos, active_from=active_from.flatten(),
-        frozen_kv=frozen_kv_from_cache(run.cache, first, model),
-    )
+    final = _final_normalized(model, fast, run, resid, start.repeat_interleave(B), hooks, read_pos, active_from)
+    if isinstance(metric, Metric) and metric.linear:  # value = direction . ln_final(resid) + bias
+        directions = metric.directions(model).to(final)  # [B, d_model]
+        return torch.einsum("vbd,bd->vb", final.view(V, B, -1), directions) + metric.bias(model).to(final)
+    logits = fast.unembed(final)
     if isinstance(metric, Metric):
-        return metric.from_final(logits.reshape(V, B, -1))
-    return metric(logits.reshape(V, B, P, -1))
+        return metric.from_final(logits.view(V, B, -1))
+    return metric(logits.view(V, B, P, -1))
+
+
+def _final_normalized(
+    model: Any,
+    fast: Any,
+    run: Run,
+    resid: Float[Tensor, "rows pos d_model"],
+    start: Int[Tensor, " rows"],
+    hooks: dict[str, partial],
+    read_pos: Int[Tensor, "rows n_read"],
+    active_from: Int[Tensor, " rows"],
+) -> Float[Tensor, "rows n_read d_model"]:
+    """The final residual stream through the final norm at the read positions, each row run
+    from its ``start`` block on ``resid``; rows starting after the last block only need the norm."""
+    from hookpatch.sweeps.fastpath import frozen_kv_from_cache
+
+    live = start < fast.n_layers
+    if bool(live.all()):
+        first = int(start.min())
+        return fast.run(
+            resid, start, hooks=hooks, read_pos=read_pos, active_from=active_from,
+            frozen_kv=frozen_kv_from_cache(run.cache, first, model), unembed=False,
+        )
+    if hooks:
+        raise AssertionError("hooks see every row; only hook-free runs may leave rows out")
+    index = read_pos.unsqueeze(-1).expand(-1, -1, resid.shape[-1])  # [rows, n_read, d_model]
+    final = fast.final_norm(resid.gather(1, index))  # right for the rows that start after the last block
+    rows = live.nonzero().squeeze(-1)
+    if rows.numel():
+        first = int(start[rows].min())
+        final[rows] = fast.run(
+            resid[rows], start[rows], read_pos=read_pos[rows], active_from=active_from[rows],
+            frozen_kv=frozen_kv_from_cache(run.cache, first, model), unembed=False,
+        )
+    return final
+
+
+def _finish_patched_blocks(
+    fast: Any,
+    component: str,
+    cells: Sequence[Cell],
+    masks: Sequence[Tensor],
+    run: Run,
+    B: int,
+    d: int,
+) -> Float[Tensor, "rows pos d_model"]:
+    """For a :data:`RESUMABLE` component: per variant row, the residual stream entering the
+    block after the cell's layer — the run's, except at the patched positions, where the
+    patched block is finished from the patched activation (``[V * B, pos, d_model]``)."""
+    from hookpatch.sweeps.fastpath import FastHook
+
+    point, base_point = RESUMABLE[component]
+    info = component_info(component)
+    n = fast.n_layers
+    after = lambda l: f"blocks.{l + 1}.hook_resid_pre" if l + 1 < n else f"blocks.{n - 1}.hook_resid_post"  # noqa: E731
+    layers = [c.layer for c in cells]
+    resid = torch.cat([run.cache[after(layer)] for layer in layers])  # [V * B, pos, d_model], a new tensor
+    for layer in sorted(set(layers)):
+        vs = [v for v, l in enumerate(layers) if l == layer]
+        name = info.hook_name(layer)
+        hook = _stacked_hooks(component, [cells[v] for v in vs], [masks[v] for v in vs], run, B, d)[name]
+        own = run.cache[name]  # [B, pos, ...]: the run's own activation
+        act = hook(own.repeat(len(vs), *([1] * (own.ndim - 1))), FastHook(name, layer, 0))
+        where = torch.cat([_selected_positions(masks[v], d, B) for v in vs])  # [len(vs) * B, pos]
+        base = None
+        if base_point is not None:
+            base = run.cache[f"blocks.{layer}.{base_point}"].repeat(len(vs), 1, 1)[where]  # [n, d_model]
+        rows = (torch.tensor(vs).unsqueeze(-1) * B + torch.arange(B)).flatten()  # [len(vs) * B]
+        block = resid[rows]
+        block[where] = fast.resume_block(layer, point, base, act[where])
+        resid[rows] = block
+    return resid

@@ -66,6 +66,8 @@ ROTARY_POINTS = ("attn.hook_rot_q", "attn.hook_rot_k")
 GATED_POINTS = ("mlp.hook_pre_linear",)
 # Hooks that see all positions even when the last layer runs only the read rows.
 ALL_ROW_POINTS = frozenset({"hook_resid_pre", "attn.hook_k", "attn.hook_v", "attn.hook_rot_k"})
+# Points after attention, from where :meth:`FastForward.resume_block` finishes a block.
+RESUME_POINTS = ("attn.hook_z", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
 NO_HOOKS: Mapping[str, HookFn] = types.MappingProxyType({})
 
 
@@ -177,11 +179,12 @@ class _Layout:
 
 
 def _fire_packed(
-    bound: dict[str, tuple[HookFn, FastHook]], point: str, x: Tensor, layout: _Layout
+    bound: dict[str, tuple[HookFn, FastHook]], point: str, x: Tensor, layout: _Layout | None
 ) -> Tensor:
     """:func:`_fire` for a packed activation: the callback sees (and returns) the full layout."""
     if point not in bound:
         return x
+    assert layout is not None, "a bound hook needs the layout"
     return layout.pack(_fire(bound, point, layout.full(x)))
 
 
@@ -301,12 +304,17 @@ class FastForward:
         return resid
 
     def run_with_cache(
-        self, tokens: Int[Tensor, "batch pos"], names: Sequence[str]
-    ) -> tuple[Float[Tensor, "batch pos d_vocab"], dict[str, Tensor]]:
-        """A full forward from the embeddings: all logits and copies of the ``names`` activations.
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        names: Sequence[str],
+        *,
+        read_pos: Int[Tensor, " batch"] | None = None,
+    ) -> tuple[Float[Tensor, "batch _ d_vocab"], dict[str, Tensor]]:
+        """A full forward from the embeddings: logits and copies of the ``names`` activations.
 
         The fast counterpart of the bridge's ``run_with_cache`` for the activations a sweep
         reads (equal to it, as the tests check); ``names`` must be hook points this runner fires.
+        Logits are ``[batch, pos, d_vocab]``, or ``[batch, 1, d_vocab]`` at ``read_pos`` only.
         """
         store: dict[str, Tensor] = {}
 
@@ -314,9 +322,59 @@ class FastForward:
             store[hook.name] = act.detach().clone()
 
         with torch.no_grad():
-            logits = self.run(self.embed(tokens), 0, hooks={n: keep for n in names if n != "blocks.0.hook_resid_pre"})
-            store["blocks.0.hook_resid_pre"] = self.embed(tokens).detach()
+            resid = self.embed(tokens)
+            hooks = {n: keep for n in names if n != "blocks.0.hook_resid_pre"}
+            logits = self.run(resid, 0, hooks=hooks, read_pos=read_pos)
+            store["blocks.0.hook_resid_pre"] = resid.detach()
         return logits, store
+
+    def final_norm(self, resid: Float[Tensor, "*rows d_model"]) -> Float[Tensor, "*rows d_model"]:
+        """``ln_final.hook_normalized``: the final residual stream through the final norm."""
+        return self._ln_final(resid)
+
+    def unembed(self, normalized: Float[Tensor, "*rows d_model"]) -> Float[Tensor, "*rows d_vocab"]:
+        """Logits from :meth:`final_norm`'s output."""
+        return _linear(normalized, self._unembed)
+
+    def resume_block(
+        self,
+        layer: int,
+        point: str,
+        resid: Float[Tensor, "n d_model"] | None,
+        act: Float[Tensor, "n *rest"],
+    ) -> Float[Tensor, "n d_model"]:
+        """``blocks.{layer}.hook_resid_post`` of packed (row, position) pairs whose block is known
+        up to ``point``, where the activation is ``act`` (edited or not).
+
+        After attention a block is position-wise, so a patch there changes only the rest of the
+        block at the patched positions: a sweep finishes the block there and joins the run at
+        the next one, skipping the patched block's attention. ``point`` and ``resid``:
+
+        * ``attn.hook_z`` (``act`` ``[n, head, d_head]``) or ``hook_attn_out``: ``resid`` is
+          ``hook_resid_pre``;
+        * ``hook_resid_mid`` (``act`` is the MLP's input, and the residual's too when
+          ``resid_mid_edits_residual``) or ``hook_mlp_out``: ``resid`` is the unedited
+          ``hook_resid_mid``;
+        * ``hook_resid_post``: ``act`` is the answer (``resid`` unused).
+
+        Same operations as :meth:`run`'s block; no hooks fire.
+        """
+        if point not in RESUME_POINTS:
+            raise HookpatchError(f"resume_block: point {point!r} is not one of {RESUME_POINTS}.")
+        if point == "hook_resid_post":
+            return act
+        if resid is None:
+            raise HookpatchError(f"resume_block at {point!r} needs resid (see the docstring).")
+        w = self._layers[layer]
+        if point == "hook_mlp_out":
+            return resid + act
+        if point == "attn.hook_z":
+            act = _linear(act.flatten(-2), w.o)  # [n, d_model]
+            point = "hook_attn_out"
+        if point == "hook_attn_out":
+            resid = act = resid + act  # resid_mid, unedited
+        mid = act if self.resid_mid_edits_residual else resid
+        return mid + self._mlp(w.ln2(act), w, {}, None)
 
     def run(
         self,
@@ -329,6 +387,7 @@ class FastForward:
         prefix_kv: Sequence[tuple[Tensor, Tensor]] | None = None,
         active_from: Int[Tensor, " batch"] | None = None,
         frozen_kv: Sequence[tuple[Tensor, Tensor]] | None = None,
+        unembed: bool = True,
     ) -> Float[Tensor, "batch pos d_vocab"] | Float[Tensor, "batch n_read d_vocab"]:
         """Logits from running blocks ``start..`` on ``resid`` (positions ``offset..``).
 
@@ -364,6 +423,8 @@ class FastForward:
                 every position, ``[b, pos, kv_head, d_head]`` with ``b`` 1, ``batch`` or a
                 divisor of it (row ``r`` reads ``r % b``: variants stacked over ``b`` prompts
                 share them). ``k`` as in ``prefix_kv``. See :func:`frozen_kv_from_cache`.
+            unembed: False returns :meth:`final_norm`'s output (``d_model`` wide) instead of
+                the logits, for a metric that reads the residual stream through directions.
 
         Returns:
             ``[batch, pos, d_vocab]`` logits, or ``[batch, n_read, d_vocab]`` with ``read_pos``.
@@ -380,7 +441,7 @@ class FastForward:
             self._check_prefix(prefix_kv, start, offset, batch)
             layout = self._dense_layout(batch, n_pos, offset, resid.device)
             x: Tensor = resid.reshape(batch * n_pos, d_model)  # [n, d_model]
-            return self._run_blocks(x, layout, start, {}, None, hooks, read_pos, offset, prefix_kv)
+            return self._run_blocks(x, layout, start, {}, None, hooks, read_pos, offset, prefix_kv, unembed)
         if offset or prefix_kv is not None:
             raise HookpatchError(
                 "active_from (a frozen prefix per row) and offset/prefix_kv (one shared "
@@ -394,7 +455,7 @@ class FastForward:
             int(layer): self._packed_layout(active_from, n_pos, starts <= layer)
             for layer in starts.unique().tolist()
         }
-        return self._run_blocks(None, None, first, joins, resid, hooks, read_pos, 0, frozen_kv)
+        return self._run_blocks(None, None, first, joins, resid, hooks, read_pos, 0, frozen_kv, unembed)
 
     def _run_blocks(
         self,
@@ -407,8 +468,9 @@ class FastForward:
         read_pos: Tensor | None,
         offset: int,
         known: Sequence[tuple[Tensor, Tensor]] | None,
+        unembed: bool = True,
     ) -> Tensor:
-        """Blocks ``first..`` then the unembedding, on ``x`` packed by ``layout``; in per-row
+        """Blocks ``first..`` then the final norm and (``unembed``) the unembedding, on ``x`` packed by ``layout``; in per-row
         mode both start None and rows join from ``resid`` at the blocks ``joins`` names."""
         bound = self._bind(hooks, first, offset)
         reads = None
@@ -433,8 +495,10 @@ class FastForward:
         assert layout is not None
         if reads is not None:
             x = x[read_rows.flatten()]  # [batch * n_read, d_model]
-        logits = _linear(self._ln_final(x), self._unembed)
-        return logits.view(layout.batch, -1, logits.shape[-1])
+        out = self._ln_final(x)
+        if unembed:
+            out = _linear(out, self._unembed)
+        return out.view(layout.batch, -1, out.shape[-1])
 
     def _block(
         self,
@@ -487,7 +551,7 @@ class FastForward:
         h: Float[Tensor, "n d_model"],
         w: LayerWeights,
         lh: dict[str, tuple[HookFn, FastHook]],
-        layout: _Layout,
+        layout: _Layout | None,
     ) -> Float[Tensor, "n d_model"]:
         """``act(h W_in) W_out``, or ``(act(h W_gate) * h W_in) W_out`` when gated."""
         if w.gate is None:

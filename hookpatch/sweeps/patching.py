@@ -25,7 +25,7 @@ from hookpatch.metrics.base import Metric
 from hookpatch.model.facts import component_info
 from hookpatch.model.loading import require_eval
 from hookpatch.results import SweepResult
-from hookpatch.sweeps.engine import DEFAULT_BUDGET, Cell, Run, run_cells
+from hookpatch.sweeps.engine import DEFAULT_BUDGET, Cell, Run, fast_cache_names, run_cells
 from hookpatch.sweeps.grid import Grid
 from hookpatch.tasks.promptset import PromptSet
 
@@ -72,7 +72,7 @@ def patch_sweep(
     """
     if direction not in DIRECTIONS:
         raise HookpatchError(f"unknown direction {direction!r}; expected one of {DIRECTIONS}.")
-    ctx = _Context.build(model, prompts, component, by, layers, positions, heads, fast)
+    ctx = _Context.build(model, prompts, metric, component, by, layers, positions, heads, fast)
     run_tokens, source_cache = (
         (prompts.corrupted_tokens, ctx.clean_cache) if direction == "denoising" else (prompts.clean_tokens, ctx.corrupted_cache)
     )
@@ -107,7 +107,7 @@ def ablation_sweep(
     """
     if how not in ABLATIONS:
         raise HookpatchError(f"unknown ablation {how!r}; expected one of {ABLATIONS}.")
-    ctx = _Context.build(model, prompts, component, by, layers, positions, heads, fast)
+    ctx = _Context.build(model, prompts, metric, component, by, layers, positions, heads, fast)
     hook = component_info(component).hook_name
     run = Run(
         prompts.clean_tokens,
@@ -126,20 +126,10 @@ def _fast_runner_class() -> Any:
     return FastForward
 
 
-def _cached_names(grid: Grid, rotary: bool) -> list[str]:
-    """What a fast sweep reads from the two runs: the patched component (the source), and the
-    residual stream and keys/values of every block (where variants join the run)."""
-    key = "attn.hook_rot_k" if rotary else "attn.hook_k"
-    hook = component_info(grid.component).hook_name
-    names = [hook(layer) for layer in grid.layers]
-    for layer in range(grid.facts.n_layers):
-        names += [f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.{key}", f"blocks.{layer}.attn.hook_v"]
-    return list(dict.fromkeys(names))
-
-
 @dataclass(frozen=True)
 class _Context:
-    """Checked inputs of a sweep: its grid and cells, the runner and the two cached runs."""
+    """Checked inputs of a sweep: its grid and cells, the runner, the two cached runs and the
+    metric on each (the baselines)."""
 
     model: Any
     prompts: PromptSet
@@ -149,11 +139,11 @@ class _Context:
     fast: Any
     clean_cache: Any
     corrupted_cache: Any
-    clean_logits: Tensor
-    corrupted_logits: Tensor
+    clean: Tensor  # [batch]
+    corrupted: Tensor  # [batch]
 
     @classmethod
-    def build(cls, model, prompts, component, by, layers, positions, heads, fast) -> "_Context":
+    def build(cls, model, prompts, metric, component, by, layers, positions, heads, fast) -> "_Context":
         require_eval(model)
         grid = Grid.build(model, prompts, component, by, layers, positions, heads)
         runner = None
@@ -164,18 +154,27 @@ class _Context:
             elif fast:
                 raise HookpatchError("fast=True but this model's family has no fast path; pass fast=None.")
         cells = [Cell(layer, pos, head) for layer, pos, head in grid.cells()]
+        B = len(prompts)
         with torch.no_grad():
-            if runner is not None:  # cache only what the sweep reads, with the fast runner
-                names = _cached_names(grid, runner.rotary)
-                clean_logits, clean_cache = runner.run_with_cache(prompts.clean_tokens, names)
-                corrupted_logits, corrupted_cache = runner.run_with_cache(prompts.corrupted_tokens, names)
+            if runner is not None:  # both runs in one forward, caching only what the sweep reads
+                names = fast_cache_names(component, grid.layers, grid.facts.n_layers, runner.rotary)
+                tokens = torch.cat([prompts.clean_tokens, prompts.corrupted_tokens])
+                read = metric.read_positions.repeat(2) if isinstance(metric, Metric) else None
+                logits, cache = runner.run_with_cache(tokens, names, read_pos=read)
+                clean_cache = {name: act[:B] for name, act in cache.items()}
+                corrupted_cache = {name: act[B:] for name, act in cache.items()}
+                if isinstance(metric, Metric):
+                    clean, corrupted = metric.from_final(logits[:B, 0]), metric.from_final(logits[B:, 0])
+                else:
+                    clean, corrupted = metric(logits[:B]), metric(logits[B:])
             else:
                 clean_logits, clean_cache = model.run_with_cache(prompts.clean_tokens)
                 corrupted_logits, corrupted_cache = model.run_with_cache(prompts.corrupted_tokens)
+                clean, corrupted = metric(clean_logits), metric(corrupted_logits)
         return cls(
             model=model, prompts=prompts, component=component, grid=grid, cells=cells,
             fast=runner, clean_cache=clean_cache, corrupted_cache=corrupted_cache,
-            clean_logits=clean_logits, corrupted_logits=corrupted_logits,
+            clean=clean.detach().float().cpu(), corrupted=corrupted.detach().float().cpu(),
         )
 
     def sweep(self, run: Run, metric, memory_budget: int, progress: bool, info: dict) -> SweepResult:
@@ -184,16 +183,13 @@ class _Context:
             memory_budget=memory_budget, fast=self.fast, progress=progress,
             desc=f"{info['method']} {self.component}",
         )
-        with torch.no_grad():
-            clean = metric(self.clean_logits).detach().float().cpu()
-            corrupted = metric(self.corrupted_logits).detach().float().cpu()
         describe = metric.describe() if isinstance(metric, Metric) else {"name": getattr(metric, "__name__", "metric")}
         return SweepResult(
             values=values.reshape(*self.grid.shape, len(self.prompts)),
             axes=self.grid.by,
             labels=self.grid.labels,
-            clean=clean,
-            corrupted=corrupted,
+            clean=self.clean,
+            corrupted=self.corrupted,
             info={
                 "component": self.component,
                 "metric": describe,
