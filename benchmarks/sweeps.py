@@ -40,6 +40,17 @@ SWEEPS = {
     "heads_all_pos": dict(component="z", by=("layer", "head")),
     "heads_by_pos": dict(component="z", by=("layer", "pos", "head")),
 }
+NOTES = (
+    "transformerlens_s is extrapolated from the first transformerlens_fraction of the grid's cells (TL's "
+    "cost per cell is constant); max_abs_diff compares those cells. peak_mb is the peak resident memory "
+    "above the process's level before the sweep, sampled every millisecond by a thread whose CPU time is "
+    "not counted. roofline_s counts, per cell, every layer from the patched one at every position from "
+    "the patched one, plus the full unembedding at END. hookpatch does less than that, so "
+    "roofline_multiple can fall below 1: the last layer runs only at END; a patch after attention (z) "
+    "finishes its own layer at the patched positions only, without recomputing that layer's attention; "
+    "and the logit difference is read through its residual direction (W_U[:, correct] - W_U[:, wrong]) "
+    "instead of the full unembedding."
+)
 TL_AXES = {
     "resid_pre_layer_pos": (["layer", "pos"], patching.layer_pos_patch_setter, "resid_pre"),
     "heads_all_pos": (["layer", "head"], patching.layer_head_vector_patch_setter, "z"),
@@ -177,10 +188,7 @@ def main() -> None:
     out = {
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": 1,
                     "clock": "CPU seconds of the main thread (one torch thread)", "matmul_gflops": throughput / 1e9},
-        "notes": "transformerlens_s is extrapolated from the first transformerlens_fraction of the grid's "
-                 "cells (TL's cost per cell is constant); max_abs_diff compares those cells. "
-                 "peak_mb is the peak resident memory above the process's level before the sweep, sampled "
-                 "every millisecond by a thread whose CPU time is not counted.",
+        "notes": NOTES,
         "model": {"shape": "gpt2-small", "n_layers": facts.n_layers, "d_model": facts.d_model,
                   "n_heads": facts.n_heads, "d_mlp": facts.d_mlp, "d_vocab": facts.d_vocab},
         "memory_budget_mb": args.budget_mb,

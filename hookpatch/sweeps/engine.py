@@ -285,9 +285,9 @@ def _final_normalized(
         )
     if hooks:
         raise AssertionError("hooks see every row; only hook-free runs may leave rows out")
-    index = read_pos.unsqueeze(-1).expand(-1, -1, resid.shape[-1])  # [rows, n_read, d_model]
+    index = read_pos.to(resid.device).unsqueeze(-1).expand(-1, -1, resid.shape[-1])  # [rows, n_read, d_model]
     final = fast.final_norm(resid.gather(1, index))  # right for the rows that start after the last block
-    rows = live.nonzero().squeeze(-1)
+    rows = live.nonzero().squeeze(-1).to(resid.device)
     if rows.numel():
         first = int(start[rows].min())
         final[rows] = fast.run(
@@ -323,11 +323,11 @@ def _finish_patched_blocks(
         hook = _stacked_hooks(component, [cells[v] for v in vs], [masks[v] for v in vs], run, B, d)[name]
         own = run.cache[name]  # [B, pos, ...]: the run's own activation
         act = hook(own.repeat(len(vs), *([1] * (own.ndim - 1))), FastHook(name, layer, 0))
-        where = torch.cat([_selected_positions(masks[v], d, B) for v in vs])  # [len(vs) * B, pos]
+        where = torch.cat([_selected_positions(masks[v], d, B) for v in vs]).to(act.device)  # [len(vs) * B, pos]
         base = None
         if base_point is not None:
             base = run.cache[f"blocks.{layer}.{base_point}"].repeat(len(vs), 1, 1)[where]  # [n, d_model]
-        rows = (torch.tensor(vs).unsqueeze(-1) * B + torch.arange(B)).flatten()  # [len(vs) * B]
+        rows = (torch.tensor(vs).unsqueeze(-1) * B + torch.arange(B)).flatten().to(resid.device)  # [len(vs) * B]
         block = resid[rows]
         block[where] = fast.resume_block(layer, point, base, act[where])
         resid[rows] = block

@@ -9,7 +9,11 @@ forward on the model's own (processed, folded) weights, so a sweep can
   (``offset`` + ``prefix_kv``), or a frozen prefix of its own per row (``active_from`` +
   ``frozen_kv``), so rows patched at different positions share one forward,
 * compute the unembedding only at the positions it reads (``read_pos``; at the last layer
-  only those query rows go through attention and the MLP as well),
+  only those query rows go through attention and the MLP as well), or stop at the final norm
+  (``unembed=False``) for a metric that reads the residual stream through directions,
+* finish a block from an activation after its attention (:meth:`FastForward.resume_block`):
+  from there a block is position-wise, so a patch of z, attn_out, resid_mid, mlp_out or
+  resid_post needs the rest of its block only at the patched positions,
 
 while firing TransformerLens-named hook callbacks with the bridge's shapes. Position-wise
 work (norms, projections, MLP) runs on the computed (row, position) pairs packed into the
