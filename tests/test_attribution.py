@@ -72,12 +72,20 @@ def test_heads_and_mlp_equal_transformerlens_attribution_patch(model, small_prom
                     assert z.values[layer, pos, head, i].item() == pytest.approx(ref, abs=ATOL)
 
 
+METRICS = {  # linear (read through directions), non-linear (read positions unembedded), plain callable (full logits)
+    "logit_diff": LogitDiff,
+    "answer_loss": AnswerLoss,
+    "callable": lambda p: (lambda logits: LogitDiff(p)(logits) * logits[..., 0, 3]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(METRICS))
 @pytest.mark.parametrize("direction", ["denoising", "noising"])
-def test_all_components_equal_transformerlens_gradient_cache(model, small_prompts, direction):
+def test_all_components_equal_transformerlens_gradient_cache(model, small_prompts, direction, kind):
     """Every component and grid against gradient × difference from TL's
     cache_activation_and_gradient (its backward-hook gradient capture), batched."""
     prompts = small_prompts[id(model)]
-    metric = LogitDiff(prompts)
+    metric = METRICS[kind](prompts)
     facts = model_facts(model)
     grad_run, source = runs(prompts, direction)
     names = [c.hook_name(l) for c in COMPONENTS.values() for l in range(facts.n_layers)]

@@ -15,7 +15,9 @@ reshaped hook views (``retain_grad`` on the tensor a hook sees is inert at ``hoo
 ``finally`` block.
 
 Cost: plain attribution (``steps=1``) is one no-grad forward on the target run and one
-forward + backward on the base run, whatever the number of sites. Integrated gradients
+forward + backward on the base run, whatever the number of sites. With a :class:`Metric`
+the forwards stop at the unembedding's input and unembed only the read positions
+(:func:`run_metric`), which saves most of the unembedding in both directions. Integrated gradients
 with ``steps=N`` add one no-grad base forward, then for every site ``ceil(N /
 steps_per_pass)`` forward + backward passes over ``steps_per_pass × batch`` rows.
 """
@@ -128,24 +130,72 @@ def site_attributions(
         if direction == "denoising"
         else (prompts.clean_tokens, prompts.corrupted_tokens)
     )
-    batch = len(prompts)
-    target_logits, target_acts = capture(model, target_tokens, names)
-    with torch.no_grad():
-        target = _checked(metric(target_logits), (batch,), differentiable=False).detach().float()
+    target, target_acts = capture(model, target_tokens, names, metric)
     if steps == 1:
         base, base_acts, grads = atp_gradients(model, base_tokens, names, metric)
     else:
-        base_logits, base_acts = capture(model, base_tokens, names)
-        with torch.no_grad():
-            base = _checked(metric(base_logits), (batch,), differentiable=False).detach().float()
+        base, base_acts = capture(model, base_tokens, names, metric)
         diffs = {n: target_acts[n] - base_acts[n] for n in names}
         grads = ig_gradients(model, base_tokens, diffs, metric, steps, steps_per_pass, progress)
     attributions = {n: grads[n].float() * (target_acts[n].float() - base_acts[n].float()) for n in names}
     return SiteAttributions(attributions, base.cpu(), target.cpu(), direction, steps)
 
 
-def capture(model: Any, tokens: Int[Tensor, "batch pos"], names: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
-    """One no-grad forward: logits and a detached copy of the activation at each hook."""
+class _Stopped(Exception):
+    """Raised by the hook at the unembedding's input: the forward ends there."""
+
+
+# Sites at or after the final norm need the unembedding to run.
+_LATE_SITES = ("ln_final.", "unembed.", "hook_unembed")
+
+
+def run_metric(
+    model: Any,
+    tokens: Int[Tensor, "rows pos"],
+    metric: MetricLike,
+    fwd_hooks: Sequence[tuple[str, Callable[..., Any]]],
+    sites: Sequence[str],
+    lead: tuple[int, ...] = (),
+) -> Tensor:
+    """The metric of one forward of ``tokens`` under ``fwd_hooks``, ``[*lead, batch]`` (``tokens``
+    stacks ``prod(lead)`` copies of the prompts).
+
+    For a :class:`Metric` (and no site at or after the final norm) the forward stops at the
+    unembedding's input and only the read positions are unembedded, a linear metric through
+    its directions, so neither the forward nor the backward pays for logits nobody reads. A
+    plain callable gets the full logits.
+    """
+    rows = int(tokens.shape[0])
+    batch = rows // math.prod(lead)
+    if not isinstance(metric, Metric) or any(n.startswith(_LATE_SITES) for n in sites):
+        with model.hooks(fwd_hooks=list(fwd_hooks)):
+            logits = model(tokens)
+        return metric(logits.reshape(*lead, batch, *logits.shape[1:]))
+    held: dict[str, Tensor] = {}
+
+    def stop(act: Tensor, hook: Any) -> None:
+        held["final"] = act
+        raise _Stopped
+
+    try:
+        with model.hooks(fwd_hooks=[*fwd_hooks, ("unembed.hook_in", stop)]):
+            model(tokens)
+    except _Stopped:
+        pass
+    if "final" not in held:
+        raise HookpatchError("the model's forward never reached 'unembed.hook_in'; is it a TransformerBridge?")
+    final = held["final"]  # [rows, pos, d_model]: the unembedding's input
+    read = metric.read_positions.to(final.device).repeat(rows // batch)
+    final = final[torch.arange(rows, device=final.device), read].reshape(*lead, batch, -1)
+    if metric.linear:  # value = direction . final + bias
+        return (final * metric.directions(model).to(final)).sum(-1) + metric.bias(model).to(final)
+    return metric.from_final(final @ model.W_U + model.b_U)
+
+
+def capture(
+    model: Any, tokens: Int[Tensor, "batch pos"], names: Sequence[str], metric: MetricLike
+) -> tuple[Float[Tensor, " batch"], dict[str, Tensor]]:
+    """One no-grad forward: the metric and a detached copy of the activation at each hook."""
     acts: dict[str, Tensor] = {}
 
     def make(name: str) -> Callable[..., None]:
@@ -154,10 +204,10 @@ def capture(model: Any, tokens: Int[Tensor, "batch pos"], names: Sequence[str]) 
 
         return hook
 
-    with torch.no_grad(), model.hooks(fwd_hooks=[(n, make(n)) for n in names]):
-        logits = model(tokens)
+    with torch.no_grad():
+        values = run_metric(model, tokens, metric, [(n, make(n)) for n in names], names)
     _check_fired(names, acts)
-    return logits, acts
+    return _checked(values, (int(tokens.shape[0]),), differentiable=False).detach().float(), acts
 
 
 def atp_gradients(
@@ -180,8 +230,9 @@ def atp_gradients(
         return hook
 
     batch = int(tokens.shape[0])
-    with torch.enable_grad(), model.hooks(fwd_hooks=[(n, make(n)) for n in names]):
-        values = _checked(metric(model(tokens)), (batch,), differentiable=True)
+    with torch.enable_grad():
+        values = run_metric(model, tokens, metric, [(n, make(n)) for n in names], names)
+        values = _checked(values, (batch,), differentiable=True)
         _check_fired(names, deltas)
         grads = torch.autograd.grad(values.sum(), [deltas[n] for n in names], allow_unused=True)
     return values.detach().float(), acts, _named_grads(names, grads)
@@ -237,9 +288,9 @@ def _interpolated_gradient(
         holder[name] = delta
         return act + shift.reshape(act.shape) + delta
 
-    with torch.enable_grad(), model.hooks(fwd_hooks=[(name, hook)]):
-        logits = model(tokens.repeat(n, 1))
-        values = _checked(metric(logits.reshape(n, batch, *logits.shape[1:])), (n, batch), differentiable=True)
+    with torch.enable_grad():
+        values = run_metric(model, tokens.repeat(n, 1), metric, [(name, hook)], [name], lead=(n,))
+        values = _checked(values, (n, batch), differentiable=True)
         _check_fired([name], holder)
         (grad,) = torch.autograd.grad(values.sum(), [holder[name]], allow_unused=True)
     return _named_grads([name], [grad])[name].reshape(n, *diff.shape).sum(0)
