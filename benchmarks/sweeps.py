@@ -16,6 +16,7 @@ and extrapolated; the file says which (``transformerlens_fraction``).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -43,8 +44,8 @@ SWEEPS = {
 NOTES = (
     "transformerlens_s is extrapolated from the first transformerlens_fraction of the grid's cells (TL's "
     "cost per cell is constant); max_abs_diff compares those cells. peak_mb is the peak resident memory "
-    "above the process's level before the sweep, sampled every millisecond by a thread whose CPU time is "
-    "not counted. roofline_s counts, per cell, every layer from the patched one at every position from "
+    "above the process's level before the sweep (after handing freed memory back to the OS with "
+    "malloc_trim), sampled every millisecond by a thread whose CPU time is not counted. roofline_s counts, per cell, every layer from the patched one at every position from "
     "the patched one, plus the full unembedding at END. hookpatch does less than that, so "
     "roofline_multiple can fall below 1: the last layer runs only at END; a patch after attention (z) "
     "finishes its own layer at the patched positions only, without recomputing that layer's attention; "
@@ -110,11 +111,21 @@ def rss_mb() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def release_freed_memory() -> None:
+    """Hand memory freed by earlier work back to the OS (glibc's malloc_trim), so that a sweep
+    reusing it still shows as growth; a no-op where glibc is absent."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Peak resident memory above the level at entry, sampled every millisecond in a thread
     (torch releases the GIL in its kernels, so the sampler keeps running during a sweep)."""
 
     def __enter__(self) -> "PeakMemory":
+        release_freed_memory()
         self.base = self.peak = rss_mb()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
