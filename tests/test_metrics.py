@@ -96,6 +96,24 @@ def test_linear_metric_direction_and_bias_reproduce_the_metric(model):
         assert torch.allclose(via_direction, metric(logits), atol=1e-4)
 
 
+def test_every_metric_from_the_unembedding_input_equals_it_from_the_logits(model):
+    """from_unembed_input (what runs stopping before the unembedding use) == the metric, linear
+    metrics through their directions, the others through W_U or a given unembedding."""
+    prompts = pronoun_prompts(model)
+    logits, cache = model.run_with_cache(prompts.clean_tokens)
+    rows = torch.arange(len(prompts))
+    final = cache["unembed.hook_in"][rows, prompts.end]  # [batch, d_model]
+    metrics = (
+        LogitDiff(prompts), Normalized.from_model(model, LogitDiff(prompts)), AnswerProbability(prompts),
+        AnswerLoss(prompts), KLToClean.from_model(model, prompts),
+    )
+    for metric in metrics:
+        assert torch.allclose(metric.from_unembed_input(final, model), metric(logits), atol=1e-4), metric.name
+        stacked = metric.from_unembed_input(final.expand(3, -1, -1), model, lambda x: x @ model.W_U + model.b_U)
+        assert stacked.shape == (3, len(prompts))
+        assert torch.allclose(stacked, metric(logits).expand(3, -1), atol=1e-4), metric.name
+
+
 def test_nonlinear_metric_has_no_direction(gpt2_model):
     with pytest.raises(HookpatchError, match="probability is not linear.*use a logit-difference metric"):
         AnswerProbability(pronoun_prompts(gpt2_model)).directions(gpt2_model)

@@ -187,9 +187,7 @@ def run_metric(
     final = held["final"]  # [rows, pos, d_model]: the unembedding's input
     read = metric.read_positions.to(final.device).repeat(rows // batch)
     final = final[torch.arange(rows, device=final.device), read].reshape(*lead, batch, -1)
-    if metric.linear:  # value = direction . final + bias
-        return (final * metric.directions(model).to(final)).sum(-1) + metric.bias(model).to(final)
-    return metric.from_final(final @ model.W_U + model.b_U)
+    return metric.from_unembed_input(final, model)
 
 
 def capture(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from jaxtyping import Float, Int
@@ -52,6 +52,23 @@ class Metric(ABC):
         pos = self.read_positions.to(logits.device)
         index = pos.view(batch, 1, 1).expand(*logits.shape[:-2], 1, logits.shape[-1])
         return self.from_final(logits.gather(-2, index).squeeze(-2))
+
+    def from_unembed_input(
+        self,
+        final: Float[Tensor, "*lead batch d_model"],
+        model: Any,
+        unembed: Callable[[Tensor], Tensor] | None = None,
+    ) -> Float[Tensor, "*lead batch"]:
+        """The metric from the unembedding's input at each prompt's read position.
+
+        A linear metric reads it through its directions (never forming the logits); any other
+        unembeds it, with ``unembed`` or ``final @ W_U + b_U``. Runs that stop before the
+        unembedding (fast sweeps, attribution) score themselves with this.
+        """
+        if self.linear:
+            return (final * self.directions(model).to(final)).sum(-1) + self.bias(model).to(final)
+        logits = unembed(final) if unembed is not None else final @ model.W_U + model.b_U
+        return self.from_final(logits)
 
     def directions(self, model: Any) -> Float[Tensor, "batch d_model"]:
         """Residual-stream direction per prompt (only for linear metrics)."""

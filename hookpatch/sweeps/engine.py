@@ -253,13 +253,9 @@ def _run_fast(
         active_from = torch.zeros(V * B, dtype=torch.long)
         read_pos = torch.arange(P).expand(V * B, P)
     final = _final_normalized(model, fast, run, resid, start.repeat_interleave(B), hooks, read_pos, active_from)
-    if isinstance(metric, Metric) and metric.linear:  # value = direction . ln_final(resid) + bias
-        directions = metric.directions(model).to(final)  # [B, d_model]
-        return torch.einsum("vbd,bd->vb", final.view(V, B, -1), directions) + metric.bias(model).to(final)
-    logits = fast.unembed(final)
     if isinstance(metric, Metric):
-        return metric.from_final(logits.view(V, B, -1))
-    return metric(logits.view(V, B, P, -1))
+        return metric.from_unembed_input(final.view(V, B, -1), model, fast.unembed)
+    return metric(fast.unembed(final).view(V, B, P, -1))
 
 
 def _final_normalized(
