@@ -248,6 +248,7 @@ ROW_EDITS = {  # hook point -> (position axis, out-of-place edit of the selected
     "blocks.0.hook_resid_pre": (1, lambda x: x * 0.5 + 1.0),
     "blocks.0.attn.hook_v": (1, lambda v: v * -1.5),
     "blocks.1.attn.hook_q": (1, lambda q: q + 0.3),
+    "blocks.1.attn.hook_k": (1, lambda k: k * 0.7),
     "blocks.0.attn.hook_pattern": (2, lambda p: p * 0.5),
     "blocks.1.attn.hook_z": (1, lambda z: z.flip(-1)),
     "blocks.0.mlp.hook_post": (1, lambda x: x * 2.0),
@@ -269,7 +270,10 @@ def rows_from(layer, pos_axis, fn, active, starts):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("starts", [0, [0, 1, 0, 1, 1, 0]], ids=["one start", "start per row"])
+@pytest.mark.parametrize(
+    "starts", [0, [0, 1, 0, 1, 1, 0], [0, 2, 1, 2, 1, 0]],
+    ids=["one start", "start per row", "some rows after the last block"],
+)
 @pytest.mark.parametrize("point", sorted(ROW_EDITS))
 def test_rows_with_own_frozen_prefix_match_run_with_hooks(any_model, point, starts):
     model = any_model
@@ -280,7 +284,7 @@ def test_rows_with_own_frozen_prefix_match_run_with_hooks(any_model, point, star
     pos_axis, fn = ROW_EDITS[point]
     layer = int(point.split(".")[1])
     first = int(start.min())
-    resid = torch.stack([cache[f"blocks.{int(s)}.hook_resid_pre"][p] for s, p in zip(start, prompt)])
+    resid = torch.stack([resid_at(cache, model, int(s))[p] for s, p in zip(start, prompt)])
     hooks = {point: rows_from(layer, pos_axis, fn, ACTIVE, start)} if layer >= first else {}
     fast = FastForward(model)
     end = torch.full((rows,), SEQ - 1)

@@ -236,6 +236,8 @@ def _run_fast(
     """The fast path: variant ``v``'s rows join at its cell's layer (or, for a
     :data:`RESUMABLE` component, at the next one) and compute from their first patched
     position (or read position, if earlier) on."""
+    from hookpatch.sweeps.fastpath import frozen_kv_from_cache
+
     V, B = first_pos.shape
     P = run.tokens.shape[1]
     layers = torch.tensor([c.layer for c in cells])  # [V]
@@ -252,45 +254,13 @@ def _run_fast(
     else:  # a callable may read any position: return them all
         active_from = torch.zeros(V * B, dtype=torch.long)
         read_pos = torch.arange(P).expand(V * B, P)
-    final = _final_normalized(model, fast, run, resid, start.repeat_interleave(B), hooks, read_pos, active_from)
+    final = fast.run(  # the unembedding's input at the reads
+        resid, start.repeat_interleave(B), hooks=hooks, read_pos=read_pos, active_from=active_from,
+        frozen_kv=frozen_kv_from_cache(run.cache, int(start.min()), model), unembed=False,
+    )
     if isinstance(metric, Metric):
         return metric.from_unembed_input(final.view(V, B, -1), model, fast.unembed)
     return metric(fast.unembed(final).view(V, B, P, -1))
-
-
-def _final_normalized(
-    model: Any,
-    fast: Any,
-    run: Run,
-    resid: Float[Tensor, "rows pos d_model"],
-    start: Int[Tensor, " rows"],
-    hooks: dict[str, partial],
-    read_pos: Int[Tensor, "rows n_read"],
-    active_from: Int[Tensor, " rows"],
-) -> Float[Tensor, "rows n_read d_model"]:
-    """The final residual stream through the final norm at the read positions, each row run
-    from its ``start`` block on ``resid``; rows starting after the last block only need the norm."""
-    from hookpatch.sweeps.fastpath import frozen_kv_from_cache
-
-    live = start < fast.n_layers
-    if bool(live.all()):
-        first = int(start.min())
-        return fast.run(
-            resid, start, hooks=hooks, read_pos=read_pos, active_from=active_from,
-            frozen_kv=frozen_kv_from_cache(run.cache, first, model), unembed=False,
-        )
-    if hooks:
-        raise AssertionError("hooks see every row; only hook-free runs may leave rows out")
-    index = read_pos.to(resid.device).unsqueeze(-1).expand(-1, -1, resid.shape[-1])  # [rows, n_read, d_model]
-    final = fast.final_norm(resid.gather(1, index))  # right for the rows that start after the last block
-    rows = live.nonzero().squeeze(-1).to(resid.device)
-    if rows.numel():
-        first = int(start[rows].min())
-        final[rows] = fast.run(
-            resid[rows], start[rows], read_pos=read_pos[rows], active_from=active_from[rows],
-            frozen_kv=frozen_kv_from_cache(run.cache, first, model), unembed=False,
-        )
-    return final
 
 
 def _finish_patched_blocks(

@@ -474,16 +474,20 @@ class FastForward:
         known: Sequence[tuple[Tensor, Tensor]] | None,
         unembed: bool = True,
     ) -> Tensor:
-        """Blocks ``first..`` then the final norm and (``unembed``) the unembedding, on ``x`` packed by ``layout``; in per-row
-        mode both start None and rows join from ``resid`` at the blocks ``joins`` names."""
+        """Blocks ``first..`` then the final norm and (``unembed``) the unembedding, on ``x``
+        packed by ``layout``; in per-row mode both start None and rows join from ``resid`` at
+        the blocks ``joins`` names (rows joining at ``n_layers`` skip every block)."""
         bound = self._bind(hooks, first, offset)
+        last_block_join = max((layer for layer in joins if layer < self.n_layers), default=first)
         reads = None
+        at_reads = False  # x holds just the read rows of every row
         for layer in range(first, self.n_layers + 1):
-            if layer in joins:
+            if layer in joins and not at_reads:
                 assert resid is not None
                 x, layout = _join(x, layout, joins[layer], resid), joins[layer]
+                reads = None  # the packed rows changed
             assert x is not None and layout is not None
-            if reads is None and read_pos is not None and max(joins, default=first) <= layer:
+            if reads is None and read_pos is not None and not at_reads and last_block_join <= layer:
                 reads = self._read_index(read_pos.to(x.device), offset, layout.n_pos, layout.batch)
                 read_rows = self._packed_rows(layout, reads)  # [batch, n_read]
             if layer == self.n_layers:
@@ -491,9 +495,8 @@ class FastForward:
             lh = bound[layer - first]
             kv = None if known is None or (joins and layout.index is None) else known[layer - first]
             if reads is not None and layer == self.n_layers - 1 and lh.keys() <= ALL_ROW_POINTS:
-                queries = self._read_layout(reads + offset, layout.n_pos + offset)
-                x = self._block(x, layer, lh, layout, queries, read_rows.flatten(), kv)
-                read_pos = reads = None  # the block returned just the read rows
+                x = self._last_block_at_reads(x, lh, layout, reads, read_rows, kv, offset, resid)
+                at_reads, reads = True, None
             else:
                 x = self._block(x, layer, lh, layout, layout, None, kv)
         assert layout is not None
@@ -503,6 +506,32 @@ class FastForward:
         if unembed:
             out = _linear(out, self._unembed)
         return out.view(layout.batch, -1, out.shape[-1])
+
+    def _last_block_at_reads(
+        self,
+        x: Float[Tensor, "n d_model"],
+        lh: dict[str, tuple[HookFn, FastHook]],
+        layout: _Layout,
+        reads: Int[Tensor, "batch n_read"],
+        read_rows: Int[Tensor, "batch n_read"],
+        kv: tuple[Tensor, Tensor] | None,
+        offset: int,
+        resid: Float[Tensor, "batch pos d_model"] | None,
+    ) -> Float[Tensor, "batch_n_read d_model"]:
+        """The last block with only the read positions as queries: ``[batch * n_read, d_model]``.
+
+        Rows that have not started (in per-row mode, those joining after the last block) take
+        their residual at the reads from ``resid``, where it is final already."""
+        started = layout.rows  # None: every row
+        if started is None:
+            queries = self._read_layout(reads + offset, layout.n_pos + offset)
+            return self._block(x, self.n_layers - 1, lh, layout, queries, read_rows.flatten(), kv)
+        assert resid is not None
+        queries = self._read_layout(reads[started] + offset, layout.n_pos + offset)
+        computed = self._block(x, self.n_layers - 1, lh, layout, queries, read_rows[started].flatten(), kv)
+        out = resid.gather(1, reads.unsqueeze(-1).expand(-1, -1, resid.shape[-1]))  # [batch, n_read, d_model]
+        out[started] = computed.view(started.shape[0], -1, out.shape[-1])
+        return out.flatten(0, 1)
 
     def _block(
         self,
