@@ -52,6 +52,12 @@ def hook_count(model):
     return sum(len(hp.fwd_hooks) + len(hp.bwd_hooks) for hp in model.hook_dict.values())
 
 
+def graphs_left(model):
+    """Tensors that modules kept from the last forward and that still hold an autograd graph."""
+    return [(name, key) for name, module in model.named_modules() for key, value in vars(module).items()
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None]
+
+
 @pytest.mark.parametrize("direction", ["denoising", "noising"])
 def test_heads_and_mlp_equal_transformerlens_attribution_patch(model, small_prompts, direction):
     """TL 4.3's node-granularity attribution_patch scores attn heads (hook_z) and mlp_out per
@@ -83,7 +89,13 @@ METRICS = {  # linear (read through directions), non-linear (read positions unem
 @pytest.mark.parametrize("direction", ["denoising", "noising"])
 def test_all_components_equal_transformerlens_gradient_cache(model, small_prompts, direction, kind):
     """Every component and grid against gradient × difference from TL's
-    cache_activation_and_gradient (its backward-hook gradient capture), batched."""
+    cache_activation_and_gradient (its backward-hook gradient capture), batched.
+
+    At resid_mid TL's capture sees only the MLP branch: the hook point is ``ln2.hook_in``,
+    and the residual skip reads the tensor before the hook point's output. Since
+    resid_post = resid_mid + mlp_out, the total gradient there is TL's resid_mid gradient
+    plus its resid_post gradient (the skip's share); tests/test_attribution_fd.py checks
+    every site against finite differences of real patching."""
     prompts = small_prompts[id(model)]
     metric = METRICS[kind](prompts)
     facts = model_facts(model)
@@ -96,7 +108,10 @@ def test_all_components_equal_transformerlens_gradient_cache(model, small_prompt
         per_layer = []
         for layer in range(facts.n_layers):
             name = info.hook_name(layer)
-            elementwise = base.gradients[name] * (target.activations[name] - base.activations[name])
+            grad = base.gradients[name]
+            if component == "resid_mid":
+                grad = grad + base.gradients[COMPONENTS["resid_post"].hook_name(layer)]
+            elementwise = grad * (target.activations[name] - base.activations[name])
             per_layer.append(elementwise.sum(-1).transpose(1, 2) if component == "pattern" else elementwise.sum(-1))
         ref = torch.stack(per_layer).movedim(1, -1)  # [layer, pos(, head), batch]
         by_layer = attribution_sweep(model, prompts, metric, component, by=("layer",), direction=direction, progress=False)
@@ -182,7 +197,7 @@ def test_identical_inputs_give_zero_and_nothing_is_left_behind(model):
                                  ("pattern", ("layer", "head"), 1), ("mlp_out", ("layer", "pos"), 3)):
         res = attribution_sweep(model, same, metric, component, by=by, steps=steps, progress=False)
         assert torch.all(res.values == 0), component
-    assert not model.training and hook_count(model) == 0
+    assert not model.training and hook_count(model) == 0 and graphs_left(model) == []
     assert all(p.grad is None for p in model.parameters())
     assert [p.requires_grad for p in model.parameters()] == grad_flags
     assert torch.equal(same.clean_tokens, tokens[0]) and torch.equal(same.corrupted_tokens, tokens[1])
@@ -198,6 +213,7 @@ def test_identical_inputs_give_zero_and_nothing_is_left_behind(model):
     with pytest.raises(RuntimeError, match="midway"):
         attribution_sweep(model, same, explodes, "z", steps=2, progress=False)
     assert hook_count(model) == 0 and all(p.grad is None for p in model.parameters())
+    assert graphs_left(model) == []
 
 
 def test_grouped_query_labels_info_and_named_positions(llama_model, gpt2_model, small_prompts):

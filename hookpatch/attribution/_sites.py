@@ -4,15 +4,18 @@
 element-wise attribution tensor per site, shaped like the hooked activation (batch first).
 The grid functions in :mod:`hookpatch.attribution.atp` reduce these onto layer × pos × head.
 
-How gradients are taken on a TransformerBridge: a forward hook returns ``act + delta``
-with ``delta`` a zero leaf tensor that requires grad, and the backward is driven with
-:func:`torch.autograd.grad` on the deltas only. The gradient with respect to ``delta`` is
-the total derivative of the metric with respect to the activation (every downstream site
-stays a function of it, since adding zeros cuts nothing). This sidesteps the bridge's
-reshaped hook views (``retain_grad`` on the tensor a hook sees is inert at ``hook_z``,
-``hook_q/k/v``), leaves no ``.grad`` on any parameter and does not touch their
-``requires_grad``. Hooks are added through ``model.hooks``, which removes them in a
-``finally`` block.
+How gradients are taken on a TransformerBridge: a forward hook adds ``delta``, a zero leaf
+tensor that requires grad, to the activation *in place* and returns it — the very edit
+activation patching makes (:func:`hookpatch.hooks.factory.replace_where` writes in place
+too) — and the backward is driven with :func:`torch.autograd.grad` on the deltas only. So
+the gradient with respect to ``delta`` is the derivative of patching the activation: every
+reader of the activation sees the edit (at ``hook_resid_mid``, an alias of ``ln2.hook_in``
+under compatibility mode, both the MLP branch and the residual skip; a *returned*
+``act + delta`` would reach the MLP branch only), and adding zeros changes no value.
+This sidesteps the bridge's reshaped hook views (``retain_grad`` on the tensor a hook sees
+is inert at ``hook_z``, ``hook_q/k/v``), leaves no ``.grad`` on any parameter and does not
+touch their ``requires_grad``. Hooks are added through ``model.hooks``, which removes them
+in a ``finally`` block.
 
 Cost: plain attribution (``steps=1``) is one no-grad forward on the target run and one
 forward + backward on the base run, whatever the number of sites. With a :class:`Metric`
@@ -131,14 +134,27 @@ def site_attributions(
         else (prompts.clean_tokens, prompts.corrupted_tokens)
     )
     target, target_acts = capture(model, target_tokens, names, metric)
-    if steps == 1:
-        base, base_acts, grads = atp_gradients(model, base_tokens, names, metric)
-    else:
-        base, base_acts = capture(model, base_tokens, names, metric)
-        diffs = {n: target_acts[n] - base_acts[n] for n in names}
-        grads = ig_gradients(model, base_tokens, diffs, metric, steps, steps_per_pass, progress)
+    try:
+        if steps == 1:
+            base, base_acts, grads = atp_gradients(model, base_tokens, names, metric)
+        else:
+            base, base_acts = capture(model, base_tokens, names, metric)
+            diffs = {n: target_acts[n] - base_acts[n] for n in names}
+            grads = ig_gradients(model, base_tokens, diffs, metric, steps, steps_per_pass, progress)
+    finally:
+        release_graphs(model)
     attributions = {n: grads[n].float() * (target_acts[n].float() - base_acts[n].float()) for n in names}
     return SiteAttributions(attributions, base.cpu(), target.cpu(), direction, steps)
+
+
+def release_graphs(model: Any) -> None:
+    """Detach every tensor a module kept from the last forward (the bridge's attention keeps
+    its last ``_pattern``), so no autograd graph, and the activations it holds, outlives a
+    gradient run."""
+    for module in model.modules():
+        for key, value in list(vars(module).items()):
+            if isinstance(value, Tensor) and value.grad_fn is not None:
+                setattr(module, key, value.detach())
 
 
 class _Stopped(Exception):
@@ -223,7 +239,7 @@ def atp_gradients(
         def hook(act: Tensor, hook: Any) -> Tensor:
             delta = _zero_leaf(act, name)
             deltas[name], acts[name] = delta, act.detach().clone()
-            return act + delta
+            return _add_in_place(act, delta)
 
         return hook
 
@@ -284,7 +300,7 @@ def _interpolated_gradient(
         shift = (alphas.view(n, 1, *([1] * (diff.ndim - 1))) * diff.unsqueeze(0).float()).to(act.dtype)
         delta = _zero_leaf(act, name)
         holder[name] = delta
-        return act + shift.reshape(act.shape) + delta
+        return _add_in_place(act, shift.reshape(act.shape) + delta)
 
     with torch.enable_grad():
         values = run_metric(model, tokens.repeat(n, 1), metric, [(name, hook)], [name], lead=(n,))
@@ -292,6 +308,13 @@ def _interpolated_gradient(
         _check_fired([name], holder)
         (grad,) = torch.autograd.grad(values.sum(), [holder[name]], allow_unused=True)
     return _named_grads([name], [grad])[name].reshape(n, *diff.shape).sum(0)
+
+
+def _add_in_place(act: Tensor, delta: Tensor) -> Tensor:
+    """``act`` with ``delta`` added in place, returned: the edit activation patching makes,
+    so it reaches every reader of the activation (a returned ``act + delta`` would miss the
+    residual skip at ``hook_resid_mid``; see the module docstring)."""
+    return act.add_(delta)
 
 
 def _zero_leaf(act: Tensor, name: str) -> Tensor:
