@@ -4,6 +4,9 @@ Data flow: prompt set → model run and cache → metric → hooks → sweeps / 
 attribution → results with labels → views → report.
 """
 
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
+from importlib.metadata import version as _version
+
 from hookpatch.attribution import attribution_sweep as attribution_sweep
 from hookpatch.attribution import compare as compare
 from hookpatch.errors import HookpatchError as HookpatchError
@@ -29,6 +32,11 @@ from hookpatch.tasks.ioi import ioi_prompts as ioi_prompts
 from hookpatch.tasks.promptset import PromptSet as PromptSet
 from hookpatch.tasks.promptset import make_prompt_set as make_prompt_set
 from hookpatch.tasks.pronoun import pronoun_prompts as pronoun_prompts
+
+try:
+    __version__ = _version("hookpatch")
+except _PackageNotFoundError:  # a source tree on sys.path that pip never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "AnswerLoss",

@@ -7,16 +7,41 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from typing import Sequence
+from typing import Iterator, Sequence
 
+from hookpatch import __version__
 from hookpatch.errors import HookpatchError
+
+
+@contextlib.contextmanager
+def _loading_bars(enabled: bool) -> Iterator[None]:
+    """Turn transformers' and huggingface_hub's progress bars (weight loading, downloads) off
+    while the block runs when ``enabled`` is false, and restore their previous state after."""
+    if enabled:
+        yield
+        return
+    from huggingface_hub import utils as hub
+    from transformers.utils import logging
+
+    hub_was_off, transformers_was_on = hub.are_progress_bars_disabled(), logging.is_progress_bar_enabled()
+    hub.disable_progress_bars()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not hub_was_off:
+            hub.enable_progress_bars()
+        if transformers_was_on:
+            logging.enable_progress_bar()
 
 
 def _report(args: argparse.Namespace) -> int:
     from hookpatch.report import run_report
 
-    report = run_report(args.task, args.model, args.out, args.n_prompts, args.device, progress=not args.quiet)
+    with _loading_bars(enabled=not args.quiet):
+        report = run_report(args.task, args.model, args.out, args.n_prompts, args.device, progress=not args.quiet)
     print(report.title)
     for line in report.summary:
         print(f"  {line}")
@@ -26,6 +51,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hookpatch", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     report = sub.add_parser("report", help="run a whole case study and write one HTML file")
     report.add_argument("task", help="pronoun or ioi")

@@ -29,6 +29,8 @@ REQUIRED_FILES: tuple[str, ...] = (
 # training_config.json records the sha256 of these files when the checkpoint is written.
 HASHED_FILES: tuple[str, ...] = REQUIRED_FILES
 
+__all__ = ["check_load_options", "file_sha256", "verify_checkpoint"]
+
 
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes."""
