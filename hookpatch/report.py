@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hookpatch.checks import check_device
 from hookpatch.errors import HookpatchError
 
 TASKS = ("pronoun", "ioi")
@@ -61,6 +62,13 @@ def _figure(fig: Any) -> str:
 
 def _table(frame: Any) -> str:
     return frame.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0)
+
+
+def _ranked_heads(table: Any, title: str) -> str:
+    """A rank_heads table as bars with paired CIs and the table itself ("" if no head moved the metric)."""
+    from hookpatch import views
+
+    return _figure(views.ranked_heads_bar(table, title=title)) + _table(table) if len(table) else ""
 
 
 def build_report(model: Any, model_name: str, task: str, n_prompts: int | None, *, progress: bool = True) -> Report:
@@ -112,7 +120,7 @@ def build_report(model: Any, model_name: str, task: str, n_prompts: int | None, 
     ranked = rank_heads(heads, k=3)
     report.add("Direct logit attribution by layer", _figure(views.dla_bars(parts)))
     report.add("Direct logit attribution by head", _figure(views.dla_heads_heatmap(heads))
-               + _figure(views.ranked_heads_bar(ranked)) + _table(ranked))
+               + _ranked_heads(ranked, "Top heads by DLA"))
     top = ranked[ranked["sign"] == "positive"]
     if len(top):
         report.summary.append("top heads by DLA: " + ", ".join(top["label"]))
@@ -122,8 +130,10 @@ def build_report(model: Any, model_name: str, task: str, n_prompts: int | None, 
 
     for how in ("zero", "mean"):
         ablated = ablation_sweep(model, prompts, base, "z", how=how, progress=progress)
-        report.add(f"Head ablation ({how})", _figure(views.ablation_heatmap(ablated)),
-                   "Logit difference after ablating each head's output; the colour midpoint is the clean run.")
+        report.add(f"Head ablation ({how})", _figure(views.ablation_heatmap(ablated))
+                   + _ranked_heads(rank_heads(ablated, k=3), f"Heads whose {how} ablation moves the logit difference most"),
+                   "Logit difference after ablating each head's output; the colour midpoint is the clean run. "
+                   "The bars rank heads by the change from the clean run (mean over prompts, paired 95% CI).")
     loss = ablation_sweep(model, prompts, AnswerLoss(prompts), "z", how="zero", progress=progress)
     report.add("Head ablation (zero), loss", _figure(views.ablation_heatmap(loss)))
 
@@ -131,10 +141,17 @@ def build_report(model: Any, model_name: str, task: str, n_prompts: int | None, 
     report.add("Residual stream patching (layer × position)", _figure(views.patching_heatmap(resid)),
                "Clean residual stream patched into the corrupted run; 1 = clean, 0 = corrupted.")
     head_patch = patch_sweep(model, prompts, metric, "z", by=("layer", "head"), progress=progress)
-    report.add("Head patching (all positions)", _figure(views.patching_heatmap(head_patch)))
-    best = head_patch.mean().flatten().argmax()
-    layer, head = divmod(int(best), head_patch.shape[1])
-    report.summary.append(f"head patching: largest recovery {head_patch.mean().max():.3f} at L{layer}H{head}")
+    patch_ranked = rank_heads(head_patch, k=3)
+    report.add("Head patching (all positions)", _figure(views.patching_heatmap(head_patch))
+               + _ranked_heads(patch_ranked, "Heads whose clean output restores the most"),
+               "The bars rank heads by the change from the corrupted run (mean over prompts, paired 95% CI).")
+    restores = patch_ranked[patch_ranked["sign"] == "positive"]
+    if len(restores):
+        best = restores.iloc[0]
+        report.summary.append(
+            f"head patching: largest recovery {best['effect_mean']:.3f} [{best['effect_ci_low']:.3f}, "
+            f"{best['effect_ci_high']:.3f}] at {best['label']} (Holm-adjusted p {best['p_adjusted']:.3g})"
+        )
 
     comparison = compare(model, prompts, metric, "z", by=("layer", "head"), progress=progress)
     report.add("Attribution vs activation patching (heads)", _figure(views.comparison_scatter(comparison))
@@ -146,8 +163,11 @@ def build_report(model: Any, model_name: str, task: str, n_prompts: int | None, 
     return report
 
 
-def check_arguments(task: str, n_prompts: int | None, out: str | Path | None = None) -> None:
-    """Refuse bad arguments before any model is loaded."""
+def check_arguments(
+    task: str, n_prompts: int | None, out: str | Path | None = None, device: str | None = None
+) -> None:
+    """Refuse bad arguments (task, prompt count, output path, device) before any model is loaded."""
+    check_device(device, "--device")
     if task not in TASKS:
         raise HookpatchError(f"unknown task {task!r}; expected one of {TASKS}.")
     if n_prompts is not None and n_prompts < 1:
@@ -166,7 +186,7 @@ def run_report(task: str, model_name: str, out: str | Path, n_prompts: int | Non
     """Load ``model_name``, run the case study and write the HTML to ``out``."""
     from hookpatch.model.loading import load_model
 
-    check_arguments(task, n_prompts, out)
+    check_arguments(task, n_prompts, out, device)
     model = load_model(model_name, device=device)
     report = build_report(model, model_name, task, n_prompts, progress=progress)
     Path(out).write_text(report.to_html(), encoding="utf-8")

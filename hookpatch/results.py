@@ -2,13 +2,16 @@
 
 Every sweep returns one :class:`SweepResult`: ``values[*grid, batch]`` keeps each prompt's
 metric; the axes (``layer``, ``pos``, ``head``) carry labels ("3: friend", "L9H7"); the
-clean and corrupted baselines and the metric's normalization travel with it. Mean and
-bootstrap CI are derived; ``to_dataframe`` gives one row per cell; ``save``/``load`` round-trip.
+clean and corrupted baselines and the metric's normalization travel with it. The mean value
+is derived, and so are the effects — each prompt's change against the clean or corrupted
+run, with a paired CI and p-value per cell (:mod:`hookpatch.effects`); ``to_dataframe``
+gives one row per cell; ``save``/``load`` round-trip.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -17,6 +20,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from hookpatch._summary import axes_line, what_was_done
+from hookpatch.effects import Effects, measure, resolve_baseline
 from hookpatch.errors import HookpatchError
 from hookpatch.metrics.base import PerPrompt
 
@@ -46,13 +51,91 @@ class SweepResult:
         """The grid shape (without the prompt axis)."""
         return tuple(self.values.shape[:-1])
 
+    def __repr__(self) -> str:
+        """A few lines: what was done, the axes with sizes and labels, baselines, extreme cells."""
+        lines = [f"SweepResult({what_was_done(self.info)}, {self.values.shape[-1]} prompts",
+                 f"  axes: {axes_line(self.axes, self.labels)}"]
+        runs = [(name, run) for name, run in (("clean", self.clean), ("corrupted", self.corrupted)) if run is not None]
+        lines.append("  runs without intervention (mean over prompts): " + ", ".join(f"{name} {float(run.float().mean()):.4g}" for name, run in runs))
+        mean = self.mean().float()
+        finite = mean.isfinite()
+        if mean.ndim and bool(finite.any()):
+            ends = []
+            for word, fill, pick in (("max", -math.inf, torch.argmax), ("min", math.inf, torch.argmin)):
+                flat = int(pick(torch.where(finite, mean, fill)))
+                index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), mean.shape))
+                label = self.cell_label(index) or ", ".join(self.labels[a][i] for a, i in zip(self.axes, index))
+                ends.append(f"{word} {float(mean[index]):.4g} at {label}")
+            lines.append("  mean over prompts: " + ", ".join(ends))
+        return "\n".join(lines) + ")"
+
     def mean(self) -> Float[Tensor, "*grid"]:
         """Mean over prompts, one value per cell."""
         return PerPrompt(self.values).mean()
 
     def ci(self, level: float = 0.95, n_resamples: int = 1000, seed: int = 0) -> tuple[Tensor, Tensor]:
-        """Bootstrap interval of the mean over prompts, per cell."""
+        """Bootstrap interval of the mean *value* over prompts, per cell (the interval around :meth:`mean`).
+
+        This is not the interval of an effect: prompts differ in their clean and corrupted
+        metric, so the spread of the values can dwarf the change a patch made. Next to an
+        effect show :meth:`effects`' paired interval. For readouts (DLA, logit lens) and
+        attribution, whose values are the effects, the two intervals are the same.
+        """
         return PerPrompt(self.values).ci(level, n_resamples, seed)
+
+    def effect(self, baseline: str | None = None) -> Float[Tensor, "*grid batch"]:
+        """Per-prompt change against a baseline run: ``values − clean`` or ``values − corrupted``.
+
+        Example:
+            >>> patch_sweep(model, prompts, metric, "z", by=("layer", "head")).effect().mean(-1)
+
+        Args:
+            baseline: ``"corrupted"``, ``"clean"``, ``"none"`` (the values as they are) or
+                ``None``: denoising patching → ``"corrupted"``, noising patching and ablations →
+                ``"clean"``, readouts and attribution (already contributions or changes) → ``"none"``.
+
+        Returns:
+            ``[*grid, batch]`` effects (in normalized units for a normalized metric).
+        """
+        name = resolve_baseline(self.info, baseline, self.corrupted is not None)
+        if name == "none":
+            return self.values
+        run = self.clean if name == "clean" else self.corrupted
+        return self.values - run.to(self.values)
+
+    def effects(
+        self,
+        baseline: str | None = None,
+        *,
+        level: float = 0.95,
+        n_resamples: int = 1000,
+        n_permutations: int = 1000,
+        seed: int = 0,
+        alternative: str = "two-sided",
+        correction: str | None = "holm",
+    ) -> Effects:
+        """Per-cell mean effect, paired bootstrap CI and sign-flip p-value, corrected across cells.
+
+        Example:
+            >>> eff = ablation_sweep(model, prompts, LogitDiff(prompts), "z").effects()
+            >>> eff.mean, eff.ci_low, eff.ci_high, eff.p_adjusted   # each [layer, head]
+
+        Args:
+            baseline: as in :meth:`effect` (``None``: the result's default).
+            level, n_resamples: the paired bootstrap's confidence level and resamples.
+            n_permutations: random sign patterns of the p-value (exact for 12 prompts or fewer).
+            seed: seeds both, as TransformerLens' ``PatchingResult`` does.
+            alternative: ``"two-sided"``, ``"greater"`` or ``"less"``.
+            correction: across all cells: ``"holm"`` (family-wise), ``"bh"`` (false discovery
+                rate) or ``None``.
+
+        Returns:
+            An :class:`hookpatch.effects.Effects` with ``[*grid]`` statistics.
+        """
+        name = resolve_baseline(self.info, baseline, self.corrupted is not None)
+        return measure(self.effect(name), name, tuple(self.axes), self.labels, level=level,
+                       n_resamples=n_resamples, n_permutations=n_permutations, seed=seed,
+                       alternative=alternative, correction=correction)
 
     def cell_label(self, index: tuple[int, ...]) -> str:
         """A readable label of one cell, e.g. ``"L9H7"`` or ``"L3 @ 5: friend"``."""
@@ -76,19 +159,44 @@ class SweepResult:
             out.append((index, row))
         return out
 
-    def to_dataframe(self, ci: bool = True) -> Any:
-        """One row per cell: axis indices and labels, mean, and (optionally) the CI bounds."""
+    def to_dataframe(self, ci: bool = True, *, baseline: str | None = None, **stats: Any) -> Any:
+        """One row per cell: axis labels, the mean value, and the mean effect with its statistics.
+
+        Columns: the axis indices and labels, ``label``, ``value_mean`` (the metric after the
+        intervention), ``baseline`` (what the effect is measured against), ``effect_mean`` and,
+        with ``ci=True``, ``effect_ci_low``/``effect_ci_high`` (paired bootstrap), ``p`` and
+        ``p_adjusted`` (sign-flip test, corrected across cells). ``df.attrs`` records the baseline
+        and the statistics' settings.
+
+        Args:
+            ci: compute the interval and p-values (the costly part).
+            baseline: as in :meth:`effect`.
+            **stats: passed to :meth:`effects` (``level``, ``n_resamples``, ``seed``, ``correction``, ...).
+        """
         import pandas as pd
 
-        mean = self.mean()
-        low, high = self.ci() if ci else (None, None)
+        value_mean = self.mean()
+        if ci:
+            eff = self.effects(baseline, **stats)
+            name, effect_mean = eff.baseline, eff.mean
+        else:
+            name = resolve_baseline(self.info, baseline, self.corrupted is not None)
+            effect_mean = self.effect(name).mean(-1)
         rows = []
         for index, row in self.cells():
-            row["mean"] = float(mean[index])
+            row["value_mean"] = float(value_mean[index])
+            row["baseline"] = name
+            row["effect_mean"] = float(effect_mean[index])
             if ci:
-                row["ci_low"], row["ci_high"] = float(low[index]), float(high[index])
+                row["effect_ci_low"], row["effect_ci_high"] = float(eff.ci_low[index]), float(eff.ci_high[index])
+                row["p"], row["p_adjusted"] = float(eff.p[index]), float(eff.p_adjusted[index])
             rows.append(row)
-        return pd.DataFrame(rows)
+        df = pd.DataFrame(rows)
+        df.attrs["baseline"] = name
+        if ci:
+            df.attrs.update(level=eff.level, n_resamples=eff.n_resamples, n_permutations=eff.n_permutations,
+                            seed=eff.seed, alternative=eff.alternative, correction=eff.correction)
+        return df
 
     def save(self, path: str | Path) -> None:
         """Write the result to ``path`` (a torch file of tensors and plain data)."""
@@ -107,10 +215,24 @@ class SweepResult:
 
     @classmethod
     def load(cls, path: str | Path) -> "SweepResult":
-        """Read a result written by :meth:`save`."""
-        data = torch.load(path, weights_only=True)
-        if not isinstance(data, dict) or data.get("kind") != "hookpatch.SweepResult":
-            raise HookpatchError(f"{path} is not a hookpatch sweep result.")
+        """Read a result written by :meth:`save`.
+
+        A missing, truncated or foreign file (e.g. one written with ``torch.save(result)``,
+        which pickles the object) is refused with an error naming the path.
+        """
+        how = "results are saved with result.save(path) and read back with SweepResult.load(path)"
+        if not Path(path).is_file():
+            raise HookpatchError(f"path={str(path)!r}: no such file; {how}.")
+        try:
+            data = torch.load(path, weights_only=True)
+        except Exception as err:  # noqa: BLE001 - torch raises many kinds for a bad file
+            raise HookpatchError(
+                f"path={str(path)!r} could not be read as a hookpatch sweep result (it is truncated, "
+                f"or was not written by SweepResult.save: {type(err).__name__}); {how}."
+            ) from err
+        keys = ("values", "axes", "labels", "clean", "corrupted", "info")
+        if not isinstance(data, dict) or data.get("kind") != "hookpatch.SweepResult" or any(k not in data for k in keys):
+            raise HookpatchError(f"path={str(path)!r} is not a hookpatch sweep result; {how}.")
         return cls(
             values=data["values"],
             axes=tuple(data["axes"]),

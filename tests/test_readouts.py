@@ -111,8 +111,9 @@ def test_rank_heads_orders_by_mean(gpt2_model):
     neg = table[table["sign"] == "negative"]
     positives = sorted((v for v in flat.tolist() if v > 0), reverse=True)[:2]
     negatives = sorted(v for v in flat.tolist() if v < 0)[:2]
-    assert pos["mean"].tolist() == pytest.approx(positives) and len(positives) >= 1
-    assert neg["mean"].tolist() == pytest.approx(negatives) and len(negatives) >= 1
+    assert pos["effect_mean"].tolist() == pytest.approx(positives) and len(positives) >= 1
+    assert neg["effect_mean"].tolist() == pytest.approx(negatives) and len(negatives) >= 1
+    assert (table["baseline"] == "none").all() and table.attrs["baseline"] == "none"  # DLA is a contribution
     layer, head = divmod(int(flat.argmax()), gpt2_model.cfg.n_heads)
     assert pos["label"].iloc[0] == f"L{layer}H{head}"
     with pytest.raises(HookpatchError, match=r"needs a result over \(layer, head\)"):
@@ -155,6 +156,6 @@ def test_rank_heads_by_ablation_effect(gpt2_model):
     ablated = ablation_sweep(gpt2_model, prompts, LogitDiff(prompts), "z", progress=False)
     table = rank_heads(ablated, k=1, baseline="clean")
     effect = (ablated.values - ablated.clean).mean(-1).flatten()
-    assert table[table["sign"] == "negative"]["mean"].iloc[0] == pytest.approx(float(effect.min()), abs=1e-5)
+    assert table[table["sign"] == "negative"]["effect_mean"].iloc[0] == pytest.approx(float(effect.min()), abs=1e-5)
     with pytest.raises(HookpatchError, match="baseline='both'"):
         rank_heads(ablated, baseline="both")

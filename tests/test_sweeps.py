@@ -268,8 +268,10 @@ def test_result_labels_dataframe_and_save_load(gpt2_model, tmp_path):
     assert result.cell_label((1, 3)) == "L1H3"
     df = result.to_dataframe()
     assert len(df) == 8 and list(df["label"][:2]) == ["L0H0", "L0H1"]
-    assert df["mean"].tolist() == pytest.approx(result.mean().flatten().tolist())
-    assert (df["ci_low"] <= df["mean"] + 1e-6).all() and (df["mean"] <= df["ci_high"] + 1e-6).all()
+    assert df["value_mean"].tolist() == pytest.approx(result.mean().flatten().tolist())
+    effect = (result.values - result.corrupted).mean(-1).flatten()  # denoising: against the corrupted run
+    assert df["effect_mean"].tolist() == pytest.approx(effect.tolist(), abs=1e-6) and set(df["baseline"]) == {"corrupted"}
+    assert (df["effect_ci_low"] <= df["effect_mean"] + 1e-6).all() and (df["effect_mean"] <= df["effect_ci_high"] + 1e-6).all()
     path = tmp_path / "r.pt"
     result.save(path)
     back = SweepResult.load(path)

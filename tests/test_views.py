@@ -86,6 +86,9 @@ def test_patching_heatmap_layer_pos_head_has_one_facet_per_head(gpt2_model, prom
     for h, trace in enumerate(traces):
         assert list(trace["x"]) == list(result.labels["pos"]) and list(trace["y"]) == list(result.labels["layer"])
         assert torch.allclose(torch.tensor(trace["z"]), result.mean()[:, :, h])
+        effect = (result.values - result.corrupted).mean(-1)[:, :, h]  # denoising: vs the corrupted run
+        assert torch.allclose(torch.tensor(trace["customdata"])[..., 0], effect, atol=1e-6)
+        assert "effect vs corrupted" in trace["hovertemplate"]
         assert trace["coloraxis"] == "coloraxis"
     assert fig["layout"]["coloraxis"]["cmid"] == 0
     assert fig["layout"]["coloraxis"]["colorscale"][0][1] == "rgb(103,0,31)"
@@ -101,6 +104,22 @@ def test_ablation_heatmap_midpoint_is_the_clean_mean(gpt2_model, prompts, metric
     assert trace["colorscale"][0][1] == "rgb(103,0,31)"
     assert list(trace["x"]) == list(result.labels["head"]) and fig["layout"]["xaxis"]["title"]["text"] == "Head"
     assert "Mean ablation" in fig["layout"]["title"]["text"]
+    # the hover carries each head's change from the clean run with its paired CI and p-value
+    hover = torch.tensor(trace["customdata"])  # [layer, head, 4]
+    eff = result.effects()
+    assert torch.allclose(hover[..., 0], (result.values - result.clean).mean(-1), atol=1e-6)
+    assert torch.allclose(hover[..., 1], eff.ci_low) and torch.allclose(hover[..., 3], eff.p_adjusted.float())
+    assert "effect vs clean" in trace["hovertemplate"] and "p (holm)" in trace["hovertemplate"]
+    # ranked bars of the ablation: the change from the clean run, paired error bars
+    table = rank_heads(result, k=2)
+    bars = ranked_heads_bar(table).to_dict()
+    by_label = dict(zip(table["label"], table["effect_mean"]))
+    change = (result.values - result.clean).mean(-1)
+    for bar in bars["data"]:
+        for label, y in zip(bar["x"], bar["y"]):
+            layer, head = int(label[1]), int(label[3])
+            assert y == pytest.approx(float(change[layer, head]), abs=1e-6) == by_label[label]
+    assert bars["layout"]["yaxis"]["title"]["text"] == "effect (intervened − clean run)"
     patch = patch_sweep(gpt2_model, prompts, metric, "z", by=("layer", "head"), progress=False)
     with pytest.raises(HookpatchError, match="patching_heatmap"):
         ablation_heatmap(patch)
@@ -141,7 +160,8 @@ def test_dla_views(gpt2_model, prompts, metric):
     assert all(label.startswith("L") and "H" in label for label in fig["layout"]["xaxis"]["ticktext"])
     for trace in fig["data"]:
         rows = table[table["sign"] == trace["name"]]
-        assert trace["error_y"]["array"] == pytest.approx((rows["ci_high"] - rows["mean"]).tolist())
+        assert trace["error_y"]["array"] == pytest.approx((rows["effect_ci_high"] - rows["effect_mean"]).tolist())
+        assert trace["error_y"]["arrayminus"] == pytest.approx((rows["effect_mean"] - rows["effect_ci_low"]).tolist())
 
 
 def test_comparison_scatter_has_a_diagonal_and_the_correlations(gpt2_model, prompts, metric):

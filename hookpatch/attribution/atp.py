@@ -3,7 +3,9 @@
 Attribution patching (AtP) replaces each activation patch by its first-order estimate:
 for the denoising direction, ``grad_corrupted(metric) · (a_clean − a_corrupted)``, the
 change in the metric if the clean activation were patched into the corrupted run;
-``direction="noising"`` uses ``grad_clean(metric) · (a_corrupted − a_clean)``. The
+``direction="noising"`` uses ``grad_clean(metric) · (a_corrupted − a_clean)``. The gradient
+is that of patching itself: taken at the activation as a patch writes it, in place, so
+every reader sees it (at ``resid_mid`` the residual skip as well as the MLP branch). The
 element-wise products are summed over the entries a grid cell patches (``d_model``,
 ``d_head``, heads at a position, all positions, key positions of a pattern row), so every
 grid of :func:`hookpatch.sweeps.patch_sweep` is available: ``("layer", "pos")``,
@@ -15,9 +17,9 @@ Values are *effects*: the estimated change ``patched − unpatched`` of the metr
 :func:`hookpatch.attribution.compare` does).
 
 Integrated gradients (``steps=N > 1``), the scheme: for each component site (one layer's
-hook) separately, the site's activation is moved along the straight line
-``a(alpha) = a_base + alpha · (a_target − a_base)`` while every other activation is
-recomputed by the model from there (downstream sites stay free, upstream ones are the base
+hook) separately, the site's activation is moved (in place, as a patch) along the
+straight line ``a(alpha) = a_base + alpha · (a_target − a_base)`` while every other
+activation is recomputed by the model from there (downstream sites stay free, upstream ones are the base
 run's); the metric's gradient at the site is averaged over the left Riemann points
 ``alpha = k/N, k = 0..N-1`` and multiplied by ``a_target − a_base``. This is IG of the
 function ``f(a) = metric(run with this site set to a)``, so by completeness the sum of a
@@ -45,6 +47,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from hookpatch.attribution._sites import MetricLike, check_options, n_passes, site_attributions
+from hookpatch.checks import IntsLike, metric_name, require_finite, require_finite_result, require_metric
 from hookpatch.metrics.base import Metric
 from hookpatch.model.facts import component_info
 from hookpatch.model.loading import require_eval
@@ -62,9 +65,9 @@ def attribution_sweep(
     by: Sequence[str] = ("layer", "pos"),
     direction: str = "denoising",
     steps: int = 1,
-    layers: Sequence[int] | None = None,
-    positions: Sequence[int | str] | None = None,
-    heads: Sequence[int] | None = None,
+    layers: IntsLike = None,
+    positions: Any = None,
+    heads: IntsLike = None,
     steps_per_pass: int = 8,
     progress: bool = True,
 ) -> SweepResult:
@@ -86,7 +89,9 @@ def attribution_sweep(
             ``"noising"`` (gradient on the clean run × (corrupted − clean)).
         steps: 1 for attribution patching; N > 1 for integrated gradients (module docstring).
         layers, heads: restrict the grid (default: all).
-        positions: restrict the pos axis: column indices or names of the prompt set ("S2").
+        positions: the pos axis: column indices or names of the prompt set ("S2"). Default:
+            every column; for padded prompts of different lengths, the prompt set's named
+            positions (IOI: IO, S1, S1+1, S2, END), since a column may be padding in some prompt.
         steps_per_pass: interpolation points stacked into one forward (IG; lower saves memory).
         progress: progress bar over the IG passes.
 
@@ -96,6 +101,7 @@ def attribution_sweep(
     """
     check_options(direction, steps, steps_per_pass)
     require_eval(model)
+    require_metric(metric, prompts)
     grid = Grid.build(model, prompts, component, by, layers, positions, heads)
     columns = grid.columns(prompts) if "pos" in grid.by else None
     hook = component_info(component).hook_name
@@ -106,6 +112,9 @@ def attribution_sweep(
     values = torch.stack([_reduce(grid, columns, sites.attributions[hook(l)].cpu()) for l in grid.layers])
     base, target = sites.base, sites.target
     clean, corrupted = (target, base) if direction == "denoising" else (base, target)
+    for run, tensor in (("clean", clean), ("corrupted", corrupted)):
+        require_finite(tensor, f"the metric {metric_name(metric)} on the unpatched {run} run",
+                       [f"prompt {i}" for i in range(len(prompts))])
     info: dict[str, Any] = {
         "method": "attribution" if steps == 1 else "integrated_gradients",
         "steps": steps,
@@ -117,7 +126,7 @@ def attribution_sweep(
         "passes": n_passes(len(grid.layers), steps, steps_per_pass),
         **grid.info(),
     }
-    return SweepResult(
+    result = SweepResult(
         values=values.reshape(*grid.shape, len(prompts)),
         axes=grid.by,
         labels=grid.labels,
@@ -125,6 +134,8 @@ def attribution_sweep(
         corrupted=corrupted,
         info=info,
     )
+    require_finite_result(result, f"the attribution of {metric_name(metric)} (its gradient)")
+    return result
 
 
 def integrated_gradients_sweep(

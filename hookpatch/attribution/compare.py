@@ -21,6 +21,7 @@ Cost: the two sweeps, plus ``n_resamples × cells × batch`` numbers for the boo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -28,13 +29,17 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from hookpatch._summary import axes_line, what_was_done
 from hookpatch.attribution._sites import MetricLike
 from hookpatch.attribution.atp import attribution_sweep
+from hookpatch.checks import IntLike, IntsLike, as_int
 from hookpatch.errors import HookpatchError
 from hookpatch.results import SweepResult
+from hookpatch.sweeps.grid import Grid
 from hookpatch.tasks.promptset import PromptSet
 
 STATISTICS = ("pearson", "spearman", "top_k_overlap", "sign_agreement")
+DEFAULT_K = 10  # cells in the top-k overlap, unless the grid has fewer
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,21 @@ class Comparison:
     level: float
     n_resamples: int
     seed: int
+
+    def __repr__(self) -> str:
+        """A few lines: the grid, the two methods, the four statistics and the worst cell."""
+        res = self.attribution
+        gap = (res.mean() - self.activation_effect.mean(-1)).abs().float().nan_to_num(nan=-1.0)
+        worst = tuple(int(i) for i in torch.unravel_index(gap.argmax(), gap.shape))
+        stats = [f"{name} {stat!r}" for name, stat in self.statistics().items()]
+        return "\n".join([
+            f"Comparison({self.activation.info.get('method', 'patch')} vs {what_was_done(res.info)}, "
+            f"{res.values.shape[-1]} prompts",
+            f"  axes: {axes_line(res.axes, res.labels)}",
+            f"  {', '.join(stats[:2])}",
+            f"  {', '.join(stats[2:])} (k={self.k}; {self.level:.0%} bootstrap CIs over prompts)",
+            f"  largest disagreement: {res.cell_label(worst)} (|attribution − activation| = {float(gap[worst]):.4g})",
+        ]) + ")"
 
     def statistics(self) -> dict[str, Statistic]:
         """Name → :class:`Statistic` for the four statistics."""
@@ -117,14 +137,14 @@ def compare(
     by: Sequence[str] = ("layer", "pos"),
     direction: str = "denoising",
     steps: int = 1,
-    layers: Sequence[int] | None = None,
-    positions: Sequence[int | str] | None = None,
-    heads: Sequence[int] | None = None,
-    k: int = 10,
+    layers: IntsLike = None,
+    positions: Any = None,
+    heads: IntsLike = None,
+    k: IntLike | None = None,
     sign_tol: float = 1e-6,
     level: float = 0.95,
-    n_resamples: int = 1000,
-    seed: int = 0,
+    n_resamples: IntLike = 1000,
+    seed: IntLike = 0,
     fast: bool | None = None,
     progress: bool = True,
 ) -> Comparison:
@@ -139,13 +159,16 @@ def compare(
         model, prompts, metric, component, by, direction, layers, positions, heads: as in
             :func:`hookpatch.sweeps.patch_sweep` (the metric must be differentiable).
         steps: attribution's interpolation points (1 = attribution patching).
-        k: cells in the top-k overlap (at most the number of cells).
+        k: cells in the top-k overlap (at most the number of cells); default 10, or every
+            cell of a grid with fewer.
         sign_tol: values with ``|x| <= sign_tol`` count as sign 0 in the sign agreement.
         level, n_resamples, seed: the bootstrap over prompts.
         fast: activation patching's runner choice. progress: progress bars.
     """
     from hookpatch.sweeps.patching import patch_sweep
 
+    cells = math.prod(Grid.build(model, prompts, component, by, layers, positions, heads).shape)
+    _check_statistics(k, sign_tol, level, n_resamples, seed, cells)  # before minutes of sweeping
     grid = dict(by=by, direction=direction, layers=layers, positions=positions, heads=heads, progress=progress)
     activation = patch_sweep(model, prompts, metric, component, fast=fast, **grid)
     attribution = attribution_sweep(model, prompts, metric, component, steps=steps, **grid)
@@ -158,26 +181,21 @@ def compare_results(
     activation: SweepResult,
     attribution: SweepResult,
     *,
-    k: int = 10,
+    k: IntLike | None = None,
     sign_tol: float = 1e-6,
     level: float = 0.95,
-    n_resamples: int = 1000,
-    seed: int = 0,
+    n_resamples: IntLike = 1000,
+    seed: IntLike = 0,
 ) -> Comparison:
-    """Compare a finished activation-patching result with an attribution result on its grid."""
+    """Compare a finished activation-patching result with an attribution result on its grid.
+
+    ``k`` defaults to 10 cells, or to every cell of a grid with fewer.
+    """
     _check_pair(activation, attribution)
     n_cells = int(torch.tensor(attribution.shape).prod()) if attribution.shape else 1
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_cells:
-        raise HookpatchError(f"k={k!r} must be an integer from 1 to the number of cells ({n_cells}).")
-    if not 0.0 < level < 1.0:
-        raise HookpatchError(f"level={level!r} must be in (0, 1), e.g. 0.95.")
-    if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 1:
-        raise HookpatchError(f"n_resamples={n_resamples!r} must be a positive integer, e.g. 1000.")
-    if sign_tol < 0:
-        raise HookpatchError(f"sign_tol={sign_tol!r} must be >= 0.")
+    k, n_resamples, seed = _check_statistics(k, sign_tol, level, n_resamples, seed, n_cells)
     direction = activation.info.get("direction", "denoising")
-    baseline = activation.corrupted if direction == "denoising" else activation.clean
-    effect = activation.values.float().cpu() - baseline.float().cpu()
+    effect = activation.effect("corrupted" if direction == "denoising" else "clean").float().cpu()
     act = effect.reshape(n_cells, -1)
     att = attribution.values.float().cpu().reshape(n_cells, -1)
     batch = act.shape[-1]
@@ -207,6 +225,23 @@ def compare_results(
         activation=activation, attribution=attribution, activation_effect=effect, k=k,
         sign_tol=sign_tol, level=level, n_resamples=n_resamples, seed=seed, **stats,
     )
+
+
+def _check_statistics(
+    k: Any, sign_tol: Any, level: Any, n_resamples: Any, seed: Any, n_cells: int | None = None
+) -> tuple[int, int, int]:
+    """The checked ``(k, n_resamples, seed)``; ``k=None`` is 10, or ``n_cells`` if fewer."""
+    if k is None:
+        k = DEFAULT_K if n_cells is None else min(DEFAULT_K, n_cells)
+    k = as_int(k, "k", minimum=1, hint=": the number of cells in the top-k overlap")
+    if n_cells is not None and k > n_cells:
+        raise HookpatchError(f"k={k!r} must be an integer from 1 to the number of cells ({n_cells}).")
+    if not isinstance(level, (int, float)) or not 0.0 < level < 1.0:
+        raise HookpatchError(f"level={level!r} must be in (0, 1), e.g. 0.95.")
+    n_resamples = as_int(n_resamples, "n_resamples", minimum=1, hint=", e.g. 1000")
+    if not isinstance(sign_tol, (int, float)) or not sign_tol >= 0:
+        raise HookpatchError(f"sign_tol={sign_tol!r} must be >= 0.")
+    return k, n_resamples, as_int(seed, "seed")
 
 
 def _check_pair(activation: SweepResult, attribution: SweepResult) -> None:

@@ -18,6 +18,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from hookpatch.checks import IntLike, as_int
 from hookpatch.errors import HookpatchError
 from hookpatch.hooks.selection import Heads, Positions, activation_mask, per_prompt_positions, pos_dim
 from hookpatch.model.facts import component_info, model_facts
@@ -56,7 +57,7 @@ def replace_where(
 def patch_hook(
     model: Any,
     component: str,
-    layer: int,
+    layer: IntLike,
     source: Float[Tensor, "batch ..."],
     *,
     positions: Positions = None,
@@ -65,14 +66,19 @@ def patch_hook(
 ) -> tuple[str, partial]:
     """A hook writing ``source`` (e.g. ``clean_cache[hook_name]``) into the run at the selection.
 
+    ``source`` is one activation tensor with ``component``'s axes (``[batch, pos, d_model]``,
+    ``[batch, pos, head, d_head]``, ...); its feature axes are checked against the model here,
+    when the hook is made, not when it fires.
+
     Example:
         >>> name, hook = patch_hook(model, "z", 9, clean_cache["blocks.9.attn.hook_z"], heads=7,
         ...                         positions="END", prompts=prompts)
         >>> model.run_with_hooks(prompts.corrupted_tokens, fwd_hooks=[(name, hook)])
     """
     facts = model_facts(model)
-    facts.check_layer(layer)
+    layer = facts.check_layer(layer)
     info = component_info(component)
+    facts.check_activation(component, source, "source")
     d = pos_dim(component)
     pos_mask = per_prompt_positions(positions, source.shape[0], source.shape[d], prompts)
     mask = activation_mask(facts, component, pos_mask, heads)
@@ -80,10 +86,15 @@ def patch_hook(
 
 
 def ablation_source(
-    reference: Float[Tensor, "batch ..."], how: str, *, seed: int = 0
+    reference: Float[Tensor, "batch ..."], how: str, *, seed: IntLike = 0
 ) -> Float[Tensor, "..."]:
     """What an ablation writes: zeros, the mean over the reference prompts, or other prompts'
     activations (a seeded derangement, so no prompt gets its own activation back)."""
+    if how in ("mean", "resample") and reference.shape[0] == 0:
+        raise HookpatchError(
+            f"{how} ablation needs reference activations of at least one prompt; reference= has "
+            "none (an empty batch). Pass the cached activation of a non-empty prompt set."
+        )
     if how == "zero":
         return torch.zeros((), dtype=reference.dtype)
     if how == "mean":
@@ -92,7 +103,7 @@ def ablation_source(
         n = reference.shape[0]
         if n < 2:
             raise HookpatchError("resample ablation needs at least two prompts to draw from.")
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(as_int(seed, "seed"))
         perm = torch.randperm(n, generator=g)
         fixed = perm == torch.arange(n)
         perm[fixed] = perm[fixed].roll(1) if int(fixed.sum()) > 1 else (perm[fixed] + 1) % n
@@ -103,14 +114,14 @@ def ablation_source(
 def ablate_hook(
     model: Any,
     component: str,
-    layer: int,
+    layer: IntLike,
     reference: Float[Tensor, "batch ..."],
     *,
     how: str = "zero",
     positions: Positions = None,
     heads: Heads = None,
     prompts: PromptSet | None = None,
-    seed: int = 0,
+    seed: IntLike = 0,
 ) -> tuple[str, partial]:
     """A hook ablating the selection: ``"zero"``, ``"mean"`` over ``reference`` (the
     activation on a reference set, e.g. ``cache[hook_name]``) or ``"resample"`` from it.
@@ -119,8 +130,9 @@ def ablate_hook(
         >>> name, hook = ablate_hook(model, "z", 3, cache["blocks.3.attn.hook_z"], how="mean", heads=0)
     """
     facts = model_facts(model)
-    facts.check_layer(layer)
+    layer = facts.check_layer(layer)
     info = component_info(component)
+    facts.check_activation(component, reference, "reference")
     d = pos_dim(component)
     source = ablation_source(reference, how, seed=seed)
     pos_mask = per_prompt_positions(positions, reference.shape[0], reference.shape[d], prompts)

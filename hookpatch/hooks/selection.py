@@ -9,18 +9,20 @@ prompt) or a per-prompt tensor.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from hookpatch.checks import IntsLike, as_ints
 from hookpatch.errors import HookpatchError
 from hookpatch.model.facts import ModelFacts, component_info
 from hookpatch.tasks.promptset import PromptSet
 
-Positions = None | int | Sequence[int] | str | Tensor
-Heads = None | int | Sequence[int]
+# Checked when a mask is built (the annotations stay open so that check speaks, see checks.py):
+Positions = Any  # None (all), one integer or several, a position name ("S2"), or a [batch] tensor
+Heads = IntsLike  # None (all), one integer or several
 
 
 def per_prompt_positions(
@@ -37,7 +39,11 @@ def per_prompt_positions(
         if prompts is None:
             raise HookpatchError(f"position name {positions!r} needs the prompt set; pass prompts=.")
         positions = prompts.position(positions).cpu()
-    if isinstance(positions, Tensor):
+    if isinstance(positions, Tensor) and positions.ndim != 0:
+        if positions.is_floating_point() or positions.dtype == torch.bool:
+            raise HookpatchError(
+                f"positions= as a tensor must hold integer columns, one per prompt; got {positions.dtype}."
+            )
         if positions.ndim != 1 or positions.shape[0] != n_prompts:
             raise HookpatchError(
                 f"per-prompt positions must be a [batch={n_prompts}] tensor; got shape "
@@ -48,7 +54,7 @@ def per_prompt_positions(
         mask = torch.zeros(n_prompts, n_pos, dtype=torch.bool)
         mask[torch.arange(n_prompts), cols] = True
         return mask
-    cols = torch.tensor([positions] if isinstance(positions, int) else list(positions), dtype=torch.long)
+    cols = torch.tensor(as_ints(positions, "positions"), dtype=torch.long)
     _check_columns(cols, n_pos, prompts, per_prompt=False)
     mask = torch.zeros(1, n_pos, dtype=torch.bool)
     mask[:, cols] = True
@@ -80,8 +86,8 @@ def head_mask(heads: Heads, n_heads: int, component: str) -> Bool[Tensor, " head
     if heads is None:
         mask[:] = True
         return mask
-    for h in [heads] if isinstance(heads, int) else list(heads):
-        if not isinstance(h, int) or not 0 <= h < n_heads:
+    for h in as_ints(heads, "heads"):
+        if not 0 <= h < n_heads:
             kind = "KV heads" if component_info(component).head_axis == "kv_head" else "heads"
             raise HookpatchError(
                 f"head {h!r} is out of range for {component!r}: this model has {n_heads} {kind} "

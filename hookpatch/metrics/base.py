@@ -44,6 +44,12 @@ class Metric(ABC):
     def __call__(self, logits: Float[Tensor, "*lead batch pos d_vocab"]) -> Float[Tensor, "*lead batch"]:
         """The metric from full logits: reads each prompt's ``END`` position."""
         batch = len(self.prompts)
+        if not isinstance(logits, Tensor) or not logits.is_floating_point():
+            kind = logits.dtype if isinstance(logits, Tensor) else type(logits).__name__
+            raise HookpatchError(
+                f"{self.name} expects logits= as a float tensor [..., batch={batch}, pos, d_vocab], "
+                f"the model's output; got {kind}."
+            )
         if logits.ndim < 3 or logits.shape[-3] != batch:
             raise HookpatchError(
                 f"{self.name} expects logits shaped [..., batch={batch}, pos, d_vocab]; got "
@@ -86,6 +92,15 @@ class Metric(ABC):
         """What the metric measures, for results and reports."""
         return {"name": self.name, "linear": self.linear}
 
+    def __repr__(self) -> str:
+        """One line: the metric's name, its numbers (baselines) and its prompt set's headline.
+
+        Metric dataclasses are declared with ``repr=False`` so this replaces the generated
+        repr, which would print the whole prompt set.
+        """
+        numbers = "".join(f", {k}={v:.4g}" for k, v in self.describe().items() if isinstance(v, float))
+        return f"{type(self).__name__}({self.name}{numbers}, prompts={self.prompts.headline()})"
+
 
 def gather_answers(
     logits: Float[Tensor, "*lead batch d_vocab"], tokens: Int[Tensor, " batch"]
@@ -107,16 +122,15 @@ class PerPrompt:
     def ci(
         self, level: float = 0.95, n_resamples: int = 1000, seed: int = 0
     ) -> tuple[Float[Tensor, "*cells"], Float[Tensor, "*cells"]]:
-        """Percentile bootstrap interval of the mean over prompts (TransformerLens' bootstrap)."""
-        from transformer_lens.utilities.statistics import bootstrap_ci, derive_generator
+        """Percentile bootstrap interval of the mean over prompts (:func:`hookpatch.stats.mean_ci`).
 
-        return bootstrap_ci(
-            self.values.detach().float().cpu(),
-            dim=-1,
-            confidence=level,
-            n_resamples=n_resamples,
-            generator=derive_generator(seed, "hookpatch"),
-        )
+        This is the interval of the values themselves. For the change an intervention made,
+        bootstrap the per-prompt differences instead (``SweepResult.effects``): a per-prompt
+        difference varies far less than the values do when prompts differ in their baseline.
+        """
+        from hookpatch.stats import mean_ci
+
+        return mean_ci(self.values, level, n_resamples, seed)
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from hookpatch.metrics.base import Metric
 from hookpatch.tasks.promptset import PromptSet
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class KLToClean(Metric):
     """``KL(p_clean || p_run)`` per prompt: 0 on the clean run, growing as a patch breaks it.
 

@@ -12,7 +12,7 @@ from hookpatch.metrics.base import Metric, gather_answers
 from hookpatch.tasks.promptset import PromptSet
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class LogitDiff(Metric):
     """``logit[correct] - logit[incorrect]`` per prompt; linear in the final residual.
 

@@ -7,6 +7,7 @@ metric, and keeps its residual direction).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ from hookpatch.metrics.base import Metric, evaluate
 from hookpatch.tasks.promptset import PromptSet
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Normalized(Metric):
     """A base metric rescaled so the clean baseline maps to 1 and the corrupted one to 0.
 
@@ -33,6 +34,14 @@ class Normalized(Metric):
     min_gap: float = 1e-4
 
     def __post_init__(self) -> None:
+        for arg in ("clean", "corrupted"):
+            value = getattr(self, arg)
+            if not math.isfinite(value):
+                raise HookpatchError(
+                    f"cannot normalize {self.base.name}: the {arg} baseline {arg}={value!r} is not a "
+                    f"finite number (the base metric gave NaN or inf on the {arg} run); check the "
+                    "base metric on that run."
+                )
         if abs(self.clean - self.corrupted) < self.min_gap:
             raise HookpatchError(
                 f"cannot normalize {self.base.name}: the clean baseline ({self.clean:.6g}) and the "
@@ -43,6 +52,11 @@ class Normalized(Metric):
     @classmethod
     def from_model(cls, model: Any, base: Metric, **kwargs: Any) -> "Normalized":
         """Measure the clean and corrupted baselines (mean over prompts) on ``model``."""
+        if not isinstance(base, Metric):
+            raise HookpatchError(
+                f"base= must be a Metric built on a prompt set, e.g. LogitDiff(prompts); got "
+                f"{type(base).__name__}."
+            )
         clean = evaluate(model, base, base.prompts.clean_tokens).mean().item()
         corrupted = evaluate(model, base, base.prompts.corrupted_tokens).mean().item()
         return cls(base, clean, corrupted, **kwargs)

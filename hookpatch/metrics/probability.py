@@ -11,7 +11,7 @@ from hookpatch.metrics.base import Metric, gather_answers
 from hookpatch.tasks.promptset import PromptSet
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class AnswerProbability(Metric):
     """Softmax probability of the correct answer."""
 
@@ -22,7 +22,7 @@ class AnswerProbability(Metric):
         return gather_answers(logits.float().softmax(-1), self.prompts.correct_tokens)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class AnswerLoss(Metric):
     """Cross-entropy loss of the correct answer: ``-log p(correct)``."""
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
+
+from hookpatch.checks import IntLike, is_int, require_model
 from hookpatch.errors import HookpatchError
 
 HeadAxis = Literal["head", "kv_head"] | None
@@ -100,12 +103,7 @@ class ModelFacts:
 
     def table(self) -> list[dict[str, Any]]:
         """One row per component: name, hook name at layer 0, axes with sizes, head axis."""
-        sizes = {
-            "d_model": self.d_model,
-            "d_head": self.d_head,
-            "head": self.n_heads,
-            "kv_head": self.n_kv_heads,
-        }
+        sizes = self.axis_sizes()
         return [
             {
                 "component": c.name,
@@ -118,32 +116,69 @@ class ModelFacts:
             for c in COMPONENTS.values()
         ]
 
-    def check_layer(self, layer: int) -> int:
-        """``layer`` if it exists, else a clear error."""
-        if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+    def axis_sizes(self) -> dict[str, int]:
+        """The fixed sizes of the named feature axes (batch and positions vary per run)."""
+        return {"d_model": self.d_model, "d_head": self.d_head, "head": self.n_heads, "kv_head": self.n_kv_heads}
+
+    def check_activation(self, component: str, activation: Any, arg: str) -> None:
+        """Raise unless ``activation`` is one float tensor shaped like ``component``'s hook.
+
+        Batch and positions are free (a source may broadcast over prompts); the feature axes
+        (``d_model``, or heads and ``d_head``) must match this model, and a pattern is square.
+        """
+        info = component_info(component)
+        sizes = self.axis_sizes()
+        expected = "[" + ", ".join(f"{a}={sizes[a]}" if a in sizes else a for a in info.axes) + "]"
+        if not isinstance(activation, torch.Tensor):
+            raise HookpatchError(
+                f"{arg}= must be one activation tensor shaped {expected} for {component!r}, such as "
+                f"cache[{info.hook_name(0)!r}]; got {type(activation).__name__}. Index the cache "
+                "with the hook name of the layer you patch."
+            )
+        shape = tuple(activation.shape)
+        fixed = [(i, sizes[a]) for i, a in enumerate(info.axes) if a in sizes]
+        square = component != "pattern" or (len(shape) == 4 and shape[-1] == shape[-2])
+        if len(shape) != len(info.axes) or any(shape[i] != n for i, n in fixed) or not square:
+            raise HookpatchError(
+                f"{arg}= has shape {shape} but {component!r} activations of this model are shaped "
+                f"{expected}; pass the cached activation of {component!r} from this model."
+            )
+        if not activation.is_floating_point():
+            raise HookpatchError(f"{arg}= holds {activation.dtype}; activations are floating-point tensors.")
+
+    def check_layer(self, layer: IntLike) -> int:
+        """``layer`` (any integer type) as an int if it exists, else a clear error."""
+        if not is_int(layer):
+            raise HookpatchError(
+                f"layer {layer!r} must be an integer from 0 to {self.n_layers - 1} (this model has "
+                f"{self.n_layers} layers); got {type(layer).__name__}."
+            )
+        if not 0 <= int(layer) < self.n_layers:
             raise HookpatchError(
                 f"layer {layer!r} is out of range: this model has {self.n_layers} layers "
                 f"(0..{self.n_layers - 1})."
             )
-        return layer
+        return int(layer)
 
-    def check_head(self, component: str, head: int) -> int:
-        """``head`` if it exists on ``component``'s head axis, else a clear error."""
+    def check_head(self, component: str, head: IntLike) -> int:
+        """``head`` (any integer type) as an int if it exists on ``component``'s head axis."""
         n = self.n_heads_of(component)
-        if not isinstance(head, int) or not 0 <= head < n:
+        if not is_int(head):
+            raise HookpatchError(f"head {head!r} must be an integer from 0 to {n - 1}; got {type(head).__name__}.")
+        if not 0 <= int(head) < n:
             kind = "KV heads" if component_info(component).head_axis == "kv_head" else "heads"
             raise HookpatchError(
                 f"head {head!r} is out of range for {component!r}: this model has {n} {kind} "
                 f"(0..{n - 1})."
             )
-        return head
+        return int(head)
 
 
 def component_info(name: str) -> Component:
     """The :class:`Component` called ``name``, or an error listing the known ones."""
     try:
         return COMPONENTS[name]
-    except KeyError:
+    except (KeyError, TypeError):
         raise HookpatchError(
             f"unknown component {name!r}; expected one of {sorted(COMPONENTS)}."
         ) from None
@@ -151,6 +186,7 @@ def component_info(name: str) -> Component:
 
 def model_facts(model: Any) -> ModelFacts:
     """Read the sizes of ``model`` (a TransformerBridge) from its config."""
+    require_model(model)
     cfg = model.cfg
     n_heads = int(cfg.n_heads)
     n_kv = getattr(cfg, "n_key_value_heads", None) or n_heads

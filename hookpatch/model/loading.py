@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from hookpatch.checks import check_device
 from hookpatch.errors import HookpatchError
 
 ORGANISM = "organism"
@@ -64,6 +65,12 @@ def load_model(
     """
     from transformer_lens.model_bridge import TransformerBridge
 
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise HookpatchError(
+            f"name_or_path= must be a model name or a checkpoint directory; got "
+            f"{type(name_or_path).__name__} (an already loaded model needs no load_model)."
+        )
+    check_device(device)
     if device is not None and device_map is not None:
         raise HookpatchError(
             "pass either device= or device_map=, not both: device_map places the model itself."
@@ -178,9 +185,18 @@ def _local_tokenizer(path: Path) -> Any:
 
 
 def require_eval(model: Any) -> None:
-    """Raise if ``model`` is in train mode: dropout would make every patch a random draw."""
-    if getattr(model, "training", False):
+    """Raise unless ``model`` is a loaded model with every module in eval mode.
+
+    One sub-module left in train mode (``model.blocks[0].train()``) is enough for dropout to
+    make every patch a random draw, so all modules are checked, not just the top one.
+    """
+    from hookpatch.checks import require_model
+
+    require_model(model)
+    modules = model.named_modules(remove_duplicate=False)  # a shared module under each of its names
+    training = sorted((name.count("."), name or "the model") for name, m in modules if m.training)
+    if training:  # name the outermost module in train mode
         raise HookpatchError(
-            "the model is in train mode (dropout is active, so results would be random); "
-            "call model.eval() first."
+            f"model= is in train mode ({training[0][1]!r}{' and more' if len(training) > 1 else ''}): "
+            "dropout is active, so results would be random; call model.eval() first."
         )

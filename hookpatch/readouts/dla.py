@@ -15,6 +15,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from hookpatch.checks import IntLike, require_metric
 from hookpatch.errors import HookpatchError
 from hookpatch.metrics.base import Metric
 from hookpatch.model.facts import model_facts
@@ -52,6 +53,7 @@ def dla_by_component(model: Any, prompts: PromptSet, metric: Metric) -> SweepRes
     ``info["bias"]`` holds the metric's constant term per prompt; parts + bias = metric.
     """
     require_eval(model)
+    require_metric(metric, prompts)
     dirs, bias = _linear(metric, model)
     logits, cache = model.run_with_cache(prompts.clean_tokens)
     parts, labels = cache.decompose_resid(layer=None, mode="all", return_labels=True)
@@ -68,6 +70,7 @@ def dla_by_head(model: Any, prompts: PromptSet, metric: Metric) -> SweepResult:
     the heads of a layer plus its bias equal that layer's ``attn_out`` DLA.
     """
     require_eval(model)
+    require_metric(metric, prompts)
     dirs, _ = _linear(metric, model)
     facts = model_facts(model)
     logits, cache = model.run_with_cache(prompts.clean_tokens)
@@ -84,16 +87,17 @@ def dla_by_head(model: Any, prompts: PromptSet, metric: Metric) -> SweepResult:
 
 
 @torch.no_grad()
-def dla_by_neuron(model: Any, prompts: PromptSet, metric: Metric, layer: int) -> SweepResult:
+def dla_by_neuron(model: Any, prompts: PromptSet, metric: Metric, layer: IntLike) -> SweepResult:
     """DLA of every MLP neuron of ``layer``: ``values[neuron, batch]``.
 
     A neuron writes ``post[n] * W_out[n]``; with the MLP's output bias (``info["mlp_bias"]``)
     the neurons add up to the layer's ``mlp_out`` DLA. Rank with :func:`top_neurons`.
     """
     require_eval(model)
+    require_metric(metric, prompts)
     dirs, _ = _linear(metric, model)
     facts = model_facts(model)
-    facts.check_layer(layer)
+    layer = facts.check_layer(layer)
     logits, cache = model.run_with_cache(prompts.clean_tokens)
     rows = torch.arange(len(prompts))
     end = prompts.end.cpu()

@@ -14,6 +14,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from hookpatch.checks import IntLike, as_int, require_metric
 from hookpatch.metrics.base import Metric
 from hookpatch.model.loading import require_eval
 from hookpatch.readouts._final import apply_final_ln, at_end, unembed
@@ -46,6 +47,7 @@ def logit_lens(
         tokens: which run to read (default: the clean prompts).
     """
     require_eval(model)
+    require_metric(metric, prompts)
     tokens = prompts.clean_tokens if tokens is None else tokens
     logits, cache = model.run_with_cache(tokens)
     stack, labels = cache.accumulated_resid(layer=None, incl_mid=incl_mid, return_labels=True)
@@ -62,13 +64,14 @@ def logit_lens(
 
 @torch.no_grad()
 def logit_lens_top_tokens(
-    model: Any, prompts: PromptSet, *, prompt: int = 0, k: int = 5, convention: str = "renormalized"
+    model: Any, prompts: PromptSet, *, prompt: IntLike = 0, k: IntLike = 5, convention: str = "renormalized"
 ) -> Any:
     """Top-``k`` predicted tokens at every layer point for one prompt, as a DataFrame."""
     import pandas as pd
 
     require_eval(model)
-    one = prompts.select([prompt])
+    k = as_int(k, "k", minimum=1, hint=": how many top tokens per layer point")
+    one = prompts.select([as_int(prompt, "prompt")])
     _, cache = model.run_with_cache(one.clean_tokens)
     stack, labels = cache.accumulated_resid(layer=None, incl_mid=True, return_labels=True)
     x = apply_final_ln(model, cache, at_end(stack, one.end), one.end, convention)

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from hookpatch.checks import IntLike, as_int
 from hookpatch.errors import HookpatchError
 from hookpatch.model.loading import require_eval
 from hookpatch.model.tokens import encode, str_tokens, to_single_token
@@ -55,7 +56,7 @@ class Predictions:
 
 @torch.no_grad()
 def predictions(
-    model: Any, prompt: str, answer: str | None = None, *, k: int = 10, prepend_bos: bool | None = None
+    model: Any, prompt: str, answer: str | None = None, *, k: IntLike = 10, prepend_bos: bool | None = None
 ) -> Predictions:
     """Top-``k`` next tokens after ``prompt`` and the rank of ``answer`` (one token).
 
@@ -63,8 +64,9 @@ def predictions(
         >>> print(predictions(model, "Mary is a great friend, isn’t", " she"))
     """
     require_eval(model)
-    if k < 1:
-        raise HookpatchError(f"k={k}: ask for at least one top token.")
+    k = as_int(k, "k", minimum=1, hint=": how many top tokens to list")
+    if not isinstance(prompt, str):
+        raise HookpatchError(f"prompt= must be the prompt text (a str); got {type(prompt).__name__}.")
     ids = encode(model, prompt, prepend_bos=prepend_bos)
     answer_id = None if answer is None else to_single_token(model, answer)
     logits = model(torch.tensor([ids], device=model.cfg.device))[0, -1].float()

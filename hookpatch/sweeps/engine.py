@@ -32,7 +32,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hookpatch.errors import HookpatchError
+from hookpatch.checks import require_metric_values
 from hookpatch.hooks.factory import replace_where
 from hookpatch.hooks.selection import Heads, Positions, activation_mask, per_prompt_positions, pos_dim
 from hookpatch.metrics.base import Metric
@@ -213,13 +213,7 @@ def _run_chunk(
             hooks = _stacked_hooks(component, cells, masks, run, B, d)
             logits = model.run_with_hooks(run.tokens.repeat(V, 1), fwd_hooks=list(hooks.items()))
             values = metric(logits.reshape(V, B, P, -1))
-    if not isinstance(values, Tensor) or tuple(values.shape) != (V, B):
-        shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
-        raise HookpatchError(
-            f"the metric returned {shape} for logits shaped [{V}, {B}, pos, d_vocab]; it must return "
-            f"one value per prompt, [..., batch] (here [{V}, {B}]). Reduce over prompts outside the metric."
-        )
-    return values
+    return require_metric_values(values, (V, B))
 
 
 def _run_fast(

@@ -2,8 +2,10 @@
 
 Activation patching, ablation and attribution patching share one grid vocabulary: ``by`` is
 ``("layer", "pos")``, ``("layer", "head")``, ``("layer", "pos", "head")`` or ``("layer",)``;
-positions are columns or names of the prompt set; heads are query heads for z/q/pattern and
-KV heads for k/v. Building a grid checks every index, so bad input fails before any run.
+positions are columns or names of the prompt set (default: every column, or for padded
+prompts of different lengths the prompt set's named positions, see :func:`default_positions`);
+heads are query heads for z/q/pattern and KV heads for k/v. Building a grid checks every
+index, so bad input fails before any run.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from hookpatch.checks import IntsLike, as_int, as_ints, require_prompts
 from hookpatch.errors import HookpatchError
 from hookpatch.hooks.selection import per_prompt_positions
 from hookpatch.model.facts import ModelFacts, component_info, model_facts
-from hookpatch.tasks.promptset import PromptSet
+from hookpatch.tasks.promptset import END, PromptSet
 
 GRIDS = (("layer", "pos"), ("layer", "head"), ("layer", "pos", "head"), ("layer",))
 
@@ -75,14 +78,25 @@ class Grid:
         prompts: PromptSet,
         component: str,
         by: Sequence[str],
-        layers: Sequence[int] | None = None,
-        positions: Sequence[int | str] | None = None,
-        heads: Sequence[int] | None = None,
+        layers: IntsLike = None,
+        positions: Any = None,
+        heads: IntsLike = None,
     ) -> "Grid":
-        """Check the axes against the model and the prompt set and label them."""
+        """Check the axes against the model and the prompt set and label them.
+
+        ``layers``, ``heads`` and ``positions`` may be one entry or several, of any integer
+        type (``layers=1``, ``layers=np.arange(2)``); positions may also be names ("S2").
+        """
         facts = model_facts(model)
+        require_prompts(prompts)
         info = component_info(component)
-        by = tuple(by)
+        if not isinstance(by, (str, list, tuple)):
+            raise HookpatchError(f"by={by!r} must name grid axes, one of {GRIDS}.")
+        by = (by,) if isinstance(by, str) else tuple(by)
+        layers, heads, positions = as_ints(layers, "layers"), as_ints(heads, "heads"), _positions(positions)
+        for arg, value in (("layers", layers), ("heads", heads), ("positions", positions)):
+            if value is not None and not value:
+                raise HookpatchError(f"{arg}=[] selects nothing; pass None for all, or at least one entry.")
         if by not in GRIDS:
             raise HookpatchError(f"unknown grid by={by}; expected one of {GRIDS}.")
         if "head" in by and info.head_axis is None:
@@ -101,7 +115,7 @@ class Grid:
             raise HookpatchError(f"heads= restricts a grid by head; by={by} has no head axis.")
         pos_list = None
         if "pos" in by:
-            pos_list = tuple(range(prompts.n_pos)) if positions is None else tuple(positions)
+            pos_list = default_positions(prompts) if positions is None else tuple(positions)
             for p in pos_list:  # raises on out-of-range, padding and unknown names
                 per_prompt_positions(p, len(prompts), prompts.n_pos, prompts)
             all_labels = prompts.position_labels()
@@ -109,3 +123,37 @@ class Grid:
         elif positions is not None:
             raise HookpatchError(f"positions= restricts a grid by pos; by={by} has no pos axis.")
         return cls(facts, component, by, layer_list, pos_list, head_list, labels)
+
+
+def default_positions(prompts: PromptSet) -> tuple[int | str, ...]:
+    """The pos axis when ``positions=`` is not given: every column, or the named positions.
+
+    Prompts of one length give every column. Padded prompts (different lengths) have no
+    column that means the same token in every prompt, and a patch at a pad is meaningless, so
+    the grid uses the prompt set's named positions (``IO, S1, S1+1, S2, END`` for IOI), each
+    resolved per prompt. A padded set with no name but ``END`` raises, saying what to pass.
+    """
+    if not prompts.padded:
+        return tuple(range(prompts.n_pos))
+    names = tuple(prompts.positions)
+    if names == (END,):
+        shortest = int(prompts.lengths.min())
+        raise HookpatchError(
+            f"positions= is needed: these {len(prompts)} prompts have different lengths "
+            f"({shortest} to {prompts.n_pos} tokens), so a column past {shortest - 1} is padding in "
+            f"some prompt, and the prompt set names no position but {END!r}. Pass "
+            f"positions=[0, ..., {shortest - 1}, {END!r}] (columns every prompt has, and names), or "
+            "name positions when building it: make_prompt_set(..., positions={'S2': [...]})."
+        )
+    return names
+
+
+def _positions(value: Any) -> list[int | str] | None:
+    """Grid positions as a list: one or several columns (any integer type) or position names."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and any(isinstance(p, str) for p in value):
+        return [p if isinstance(p, str) else as_int(p, "positions") for p in value]
+    return as_ints(value, "positions")

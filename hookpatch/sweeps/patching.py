@@ -19,6 +19,16 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from hookpatch.checks import (
+    IntLike,
+    IntsLike,
+    as_int,
+    metric_name,
+    require_finite,
+    require_finite_result,
+    require_metric,
+    require_metric_values,
+)
 from hookpatch.errors import HookpatchError
 from hookpatch.hooks.factory import ABLATIONS, ablation_source
 from hookpatch.metrics.base import Metric
@@ -40,9 +50,9 @@ def patch_sweep(
     *,
     by: Sequence[str] = ("layer", "pos"),
     direction: str = "denoising",
-    layers: Sequence[int] | None = None,
-    positions: Sequence[int | str] | None = None,
-    heads: Sequence[int] | None = None,
+    layers: IntsLike = None,
+    positions: Any = None,
+    heads: IntsLike = None,
     memory_budget: int = DEFAULT_BUDGET,
     fast: bool | None = None,
     progress: bool = True,
@@ -62,7 +72,9 @@ def patch_sweep(
         by: the grid axes, one of :data:`hookpatch.sweeps.grid.GRIDS`.
         direction: ``"denoising"`` (clean → corrupted run) or ``"noising"`` (corrupted → clean).
         layers, heads: restrict the grid (default: all).
-        positions: restrict the pos axis: column indices or names of the prompt set ("S2").
+        positions: the pos axis: column indices or names of the prompt set ("S2"). Default:
+            every column; for padded prompts of different lengths, the prompt set's named
+            positions (IOI: IO, S1, S1+1, S2, END), since a column may be padding in some prompt.
         memory_budget: bytes one stacked forward may use; decides the chunk size only.
         fast: use the direct block runner (default: when the model family supports it).
         progress: show a progress bar over chunks.
@@ -72,7 +84,7 @@ def patch_sweep(
     """
     if direction not in DIRECTIONS:
         raise HookpatchError(f"unknown direction {direction!r}; expected one of {DIRECTIONS}.")
-    ctx = _Context.build(model, prompts, metric, component, by, layers, positions, heads, fast)
+    ctx = _Context.build(model, prompts, metric, component, by, layers, positions, heads, fast, memory_budget)
     run_tokens, source_cache = (
         (prompts.corrupted_tokens, ctx.clean_cache) if direction == "denoising" else (prompts.clean_tokens, ctx.corrupted_cache)
     )
@@ -90,10 +102,10 @@ def ablation_sweep(
     *,
     how: str = "zero",
     by: Sequence[str] = ("layer", "head"),
-    layers: Sequence[int] | None = None,
-    positions: Sequence[int | str] | None = None,
-    heads: Sequence[int] | None = None,
-    seed: int = 0,
+    layers: IntsLike = None,
+    positions: Any = None,
+    heads: IntsLike = None,
+    seed: IntLike = 0,
     memory_budget: int = DEFAULT_BUDGET,
     fast: bool | None = None,
     progress: bool = True,
@@ -107,7 +119,8 @@ def ablation_sweep(
     """
     if how not in ABLATIONS:
         raise HookpatchError(f"unknown ablation {how!r}; expected one of {ABLATIONS}.")
-    ctx = _Context.build(model, prompts, metric, component, by, layers, positions, heads, fast)
+    seed = as_int(seed, "seed")
+    ctx = _Context.build(model, prompts, metric, component, by, layers, positions, heads, fast, memory_budget)
     hook = component_info(component).hook_name
     run = Run(
         prompts.clean_tokens,
@@ -143,8 +156,10 @@ class _Context:
     corrupted: Tensor  # [batch]
 
     @classmethod
-    def build(cls, model, prompts, metric, component, by, layers, positions, heads, fast) -> "_Context":
+    def build(cls, model, prompts, metric, component, by, layers, positions, heads, fast, memory_budget) -> "_Context":
         require_eval(model)
+        as_int(memory_budget, "memory_budget", minimum=1, hint=" (bytes one stacked forward may use, e.g. 2**30)")
+        require_metric(metric, prompts)
         grid = Grid.build(model, prompts, component, by, layers, positions, heads)
         runner = None
         if fast is not False:
@@ -171,6 +186,9 @@ class _Context:
                 clean_logits, clean_cache = model.run_with_cache(prompts.clean_tokens)
                 corrupted_logits, corrupted_cache = model.run_with_cache(prompts.corrupted_tokens)
                 clean, corrupted = metric(clean_logits), metric(corrupted_logits)
+        for run, values in (("clean", clean), ("corrupted", corrupted)):
+            require_finite(require_metric_values(values, (B,)), f"the metric {metric_name(metric)} on the "
+                           f"unpatched {run} run", [f"prompt {i}" for i in range(B)])
         return cls(
             model=model, prompts=prompts, component=component, grid=grid, cells=cells,
             fast=runner, clean_cache=clean_cache, corrupted_cache=corrupted_cache,
@@ -184,7 +202,7 @@ class _Context:
             desc=f"{info['method']} {self.component}",
         )
         describe = metric.describe() if isinstance(metric, Metric) else {"name": getattr(metric, "__name__", "metric")}
-        return SweepResult(
+        result = SweepResult(
             values=values.reshape(*self.grid.shape, len(self.prompts)),
             axes=self.grid.by,
             labels=self.grid.labels,
@@ -199,3 +217,5 @@ class _Context:
                 **info,
             },
         )
+        require_finite_result(result, f"the metric {metric_name(metric)} after patching")
+        return result

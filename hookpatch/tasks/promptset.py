@@ -18,6 +18,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from hookpatch.checks import IntsLike, as_ints, require_model
+from hookpatch._summary import clip, listing
 from hookpatch.errors import HookpatchError
 from hookpatch.model.tokens import encode, prepend_bos_default, str_tokens, to_single_token
 
@@ -55,6 +57,18 @@ class PromptSet:
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name in ("clean_tokens", "corrupted_tokens", "answer_tokens", "lengths"):
+            value = getattr(self, name)
+            if not isinstance(value, Tensor) or value.is_floating_point() or value.dtype == torch.bool:
+                kind = value.dtype if isinstance(value, Tensor) else type(value).__name__
+                raise HookpatchError(
+                    f"{name}= must be a tensor of integer token ids; got {kind}. Build prompt sets "
+                    "with make_prompt_set, or convert with .long() only if the values are whole ids."
+                )
+        if len(self.clean_prompts) == 0 or self.clean_tokens.shape[0] == 0:
+            raise HookpatchError(
+                "a prompt set needs at least one prompt; got none (an empty selection or list)."
+            )
         if self.clean_tokens.shape != self.corrupted_tokens.shape:
             raise HookpatchError(
                 f"clean tokens {tuple(self.clean_tokens.shape)} and corrupted tokens "
@@ -64,6 +78,26 @@ class PromptSet:
 
     def __len__(self) -> int:
         return len(self.clean_prompts)
+
+    def headline(self) -> str:
+        """One line: ``PromptSet(task='ioi', 16 prompts, n_pos=17, padded)``."""
+        padded = ", padded" if self.padded else ""
+        return f"PromptSet(task={self.task!r}, {len(self)} prompts, n_pos={self.n_pos}{padded})"
+
+    def __repr__(self) -> str:
+        """A few lines: task and sizes, the named positions, prompt 0's pair and answers."""
+        correct, incorrect = self.answers[0]
+        lines = [
+            self.headline()[:-1],
+            f"  positions: {listing(self.positions, 8)}",
+            f"  prompt 0 clean:     {clip(repr(self.clean_prompts[0]))} → {correct!r} (not {incorrect!r})",
+            f"  prompt 0 corrupted: {clip(repr(self.corrupted_prompts[0]))}",
+        ]
+        if self.padded:
+            lines.append(f"  lengths {int(self.lengths.min())} to {self.n_pos} tokens, right-padded")
+        if self.metadata:
+            lines.append("  metadata: " + clip(", ".join(f"{k}={v!r}" for k, v in self.metadata.items()), 100))
+        return "\n".join(lines) + ")"
 
     @property
     def n_pos(self) -> int:
@@ -116,9 +150,14 @@ class PromptSet:
             labels.append(f"{i}: {text}" + (f" ({names[i]})" if i in names else ""))
         return labels
 
-    def select(self, index: Sequence[int] | slice) -> "PromptSet":
+    def select(self, index: IntsLike | slice) -> "PromptSet":
         """The prompt set restricted to the prompts at ``index``."""
-        rows = list(range(len(self)))[index] if isinstance(index, slice) else list(index)
+        rows = list(range(len(self)))[index] if isinstance(index, slice) else as_ints(index, "index")
+        if not rows:
+            raise HookpatchError(
+                f"index={index!r} selects no prompts; a prompt set needs at least one (pick from "
+                f"0..{len(self) - 1})."
+            )
         for r in rows:
             if not -len(self) <= r < len(self):
                 raise HookpatchError(f"prompt index {r} is out of range for {len(self)} prompts.")
@@ -165,7 +204,7 @@ def make_prompt_set(
     corrupted: Sequence[str],
     answers: Sequence[tuple[str, str]],
     *,
-    positions: Mapping[str, Sequence[int]] | None = None,
+    positions: Mapping[str, IntsLike] | None = None,
     pad: bool = False,
     prepend_bos: bool | None = None,
     task: str = "custom",
@@ -189,6 +228,12 @@ def make_prompt_set(
     Returns:
         The checked :class:`PromptSet` on the model's device.
     """
+    require_model(model)
+    for arg, texts in (("clean", clean), ("corrupted", corrupted)):
+        if isinstance(texts, str):
+            raise HookpatchError(
+                f"{arg}= must be a list of prompts; got one string. Wrap it in a list: {arg}=[{texts!r}]."
+            )
     n = len(clean)
     if n == 0:
         raise HookpatchError("no prompts given; pass at least one clean prompt.")
@@ -232,7 +277,7 @@ def make_prompt_set(
     for name, values in (positions or {}).items():
         if name == END:
             raise HookpatchError(f"position name {END!r} is reserved: it is each prompt's last token.")
-        values = [int(v) for v in values]
+        values = as_ints(values, f"positions[{name!r}]")
         if len(values) != n:
             raise HookpatchError(f"position {name!r} has {len(values)} entries for {n} prompts.")
         for i, v in enumerate(values):

@@ -2,7 +2,9 @@
 
 As in the user's notebook (``imshow(ablation_result, midpoint=original_loss)``) the colour
 midpoint is the clean run's metric (mean over prompts): white = no change, red = the
-ablation lowered the metric, blue = it raised it.
+ablation lowered the metric, blue = it raised it. Since the mean change is the mean value
+minus that midpoint, the colours read as effects; the hover gives each cell's effect against
+the clean run with its paired CI and corrected p-value.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import plotly.graph_objects as go
 from hookpatch.errors import HookpatchError
 from hookpatch.results import SweepResult
 from hookpatch.views._common import ABLATION_METHODS, heatmap, require_axes, value_title
+from hookpatch.views._effects import with_effect_hover
 
 
 def ablation_heatmap(result: SweepResult, *, title: str | None = None) -> go.Figure:
@@ -36,4 +39,4 @@ def ablation_heatmap(result: SweepResult, *, title: str | None = None) -> go.Fig
         )
     clean = float(result.clean.float().mean())
     colorbar = f"{value_title(result)}<br>midpoint = clean {clean:.4g}"
-    return heatmap(result, title=title, zmid=clean, colorbar_title=colorbar)
+    return with_effect_hover(heatmap(result, title=title, zmid=clean, colorbar_title=colorbar), result)

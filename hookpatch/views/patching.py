@@ -3,7 +3,9 @@
 Colours are RdBu centred on 0 (red below, blue above); a normalized metric says
 "1 = clean, 0 = corrupted" in the colour-bar title. A ``("layer", "pos", "head")`` result
 gets one small layer × position heatmap per head (facets titled with the head labels,
-four per row) sharing one colour axis, so colours compare across heads.
+four per row) sharing one colour axis, so colours compare across heads. The hover adds each
+cell's effect — against the corrupted run for denoising, the clean run for noising, the value
+itself for attribution — with its paired CI and corrected p-value.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from plotly.subplots import make_subplots
 
 from hookpatch.results import SweepResult
 from hookpatch.views._common import default_title, heatmap, require_axes, value_title
+from hookpatch.views._effects import with_effect_hover
 
 FACETS_PER_ROW = 4
 
@@ -38,8 +41,8 @@ def patching_heatmap(result: SweepResult, *, title: str | None = None) -> go.Fig
         "Sweep with by=('layer', 'pos'), ('layer', 'head') or ('layer', 'pos', 'head').",
     )
     if result.axes == ("layer", "pos", "head"):
-        return _head_facets(result, title)
-    return heatmap(result, title=title, zmid=0.0, colorbar_title=value_title(result))
+        return with_effect_hover(_head_facets(result, title), result)
+    return with_effect_hover(heatmap(result, title=title, zmid=0.0, colorbar_title=value_title(result)), result)
 
 
 def _head_facets(result: SweepResult, title: str | None) -> go.Figure:
