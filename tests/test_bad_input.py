@@ -248,6 +248,8 @@ USER_CASES = {
     "logits_not_tensor": (lambda c: c.metric([[0.0] * 8] * 4), r"logit_diff expects logits= as a float tensor .*got list"),
     "normalized_base_not_metric": (lambda c: hp.Normalized.from_model(c.model, "logit_diff"), r"base= must be a Metric .*got str"),
     "predictions_prompt_list": (lambda c: hp.predictions(c.model, ["Mary went to the"]), r"prompt= must be the prompt text \(a str\); got list"),
+    "compare_steps_zero": (lambda c: hp.compare(c.model, c.prompts, c.metric, "z", by=("layer", "head"), steps=0, **QUIET), r"steps=0 must be a positive integer"),
+    "normalized_base_not_a_metric": (lambda c: hp.Normalized(lambda logits: logits[..., 0, 0], 1.0, 0.0), r"base= must be a hookpatch Metric"),
     "steps_float": (lambda c: hp.attribution_sweep(c.model, c.prompts, c.metric, steps=1.5, **QUIET), r"steps=1.5 must be a positive integer"),
     "compare_k_float": (lambda c: hp.compare(c.model, c.prompts, c.metric, k=2.5, **QUIET), r"k=2.5 must be an integer >= 1"),
     "compare_level_string": (lambda c: hp.compare(c.model, c.prompts, c.metric, level="high", **QUIET), r"level='high' must be in \(0, 1\)"),
@@ -390,6 +392,11 @@ def test_integers_of_any_kind_are_integers(ctx):
     assert name == "blocks.1.attn.hook_z" and hook.keywords["mask"][0, :, :, 0].nonzero().tolist() == [[3, 2]]
     assert c.prompts.select(np.array([2, 0])).clean_prompts == (CLEAN[2], CLEAN[0])
     assert hp.predictions(c.model, "Mary went to the", k=np.int64(3)).top[2].rank == 2
+    ig = hp.attribution_sweep(c.model, c.prompts, c.metric, "z", by=("layer", "head"), steps=np.int64(3),
+                              steps_per_pass=torch.tensor(2), **QUIET)
+    assert ig.info["steps"] == 3 and type(ig.info["steps"]) is int
+    assert torch.equal(ig.values, hp.attribution_sweep(c.model, c.prompts, c.metric, "z", by=("layer", "head"),
+                                                       steps=3, steps_per_pass=2, **QUIET).values)
 
 
 def test_compare_default_k_fits_a_small_grid(ctx):

@@ -36,6 +36,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hookpatch.checks import IntLike, is_int, require_metric_values
 from hookpatch.errors import HookpatchError
 from hookpatch.metrics.base import Metric
 from hookpatch.model.loading import require_eval
@@ -66,20 +67,19 @@ class SiteAttributions:
     steps: int
 
 
-def check_options(direction: str, steps: int, steps_per_pass: int) -> None:
-    """Raise on an unknown direction or a non-positive step count."""
+def check_options(direction: str, steps: IntLike, steps_per_pass: IntLike) -> tuple[int, int]:
+    """``(steps, steps_per_pass)`` as Python ints; raise on an unknown direction or a
+    non-positive step count (numpy and torch integers are accepted)."""
     if direction not in DIRECTIONS:
         raise HookpatchError(f"unknown direction {direction!r}; expected one of {DIRECTIONS}.")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise HookpatchError(
-            f"steps={steps!r} must be a positive integer: the number of interpolation points "
-            "(1 = plain attribution patching, 16-64 for integrated gradients)."
-        )
-    if isinstance(steps_per_pass, bool) or not isinstance(steps_per_pass, int) or steps_per_pass < 1:
-        raise HookpatchError(
-            f"steps_per_pass={steps_per_pass!r} must be a positive integer: how many interpolation "
-            "points one forward stacks along the batch (lower it to save memory)."
-        )
+    for arg, value, meaning in (
+        ("steps", steps, "the number of interpolation points (1 = plain attribution patching, 16-64 for integrated gradients)"),
+        ("steps_per_pass", steps_per_pass, "how many interpolation points one forward stacks along the batch (lower it to save memory)"),
+    ):
+        if not is_int(value) or int(value) < 1:
+            raise HookpatchError(f"{arg}={value!r} must be a positive integer: {meaning}.")
+    steps, steps_per_pass = int(steps), int(steps_per_pass)
+    return steps, steps_per_pass
 
 
 def site_attributions(
@@ -89,8 +89,8 @@ def site_attributions(
     hook_names: Sequence[str],
     *,
     direction: str = "denoising",
-    steps: int = 1,
-    steps_per_pass: int = 8,
+    steps: IntLike = 1,
+    steps_per_pass: IntLike = 8,
     progress: bool = True,
 ) -> SiteAttributions:
     """Gradient × (target − base) at each hook point in ``hook_names``, per prompt.
@@ -112,7 +112,7 @@ def site_attributions(
         steps_per_pass: interpolation points stacked into one forward (IG only).
         progress: show a progress bar over IG passes.
     """
-    check_options(direction, steps, steps_per_pass)
+    steps, steps_per_pass = check_options(direction, steps, steps_per_pass)
     require_eval(model)
     if torch.is_inference_mode_enabled():
         raise HookpatchError(
@@ -328,13 +328,7 @@ def _zero_leaf(act: Tensor, name: str) -> Tensor:
 
 
 def _checked(values: Any, shape: tuple[int, ...], *, differentiable: bool) -> Tensor:
-    if not isinstance(values, Tensor) or tuple(values.shape) != shape:
-        got = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
-        raise HookpatchError(
-            f"the metric returned {got} for logits shaped [{', '.join(map(str, shape))}, pos, d_vocab]; "
-            f"it must return one value per prompt, [..., batch] (here {list(shape)}). Reduce over "
-            "prompts outside the metric."
-        )
+    values = require_metric_values(values, shape)
     if differentiable and not values.requires_grad:
         raise HookpatchError(
             "the metric is not differentiable: its values carry no gradient (an argmax or accuracy, "

@@ -47,7 +47,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from hookpatch.attribution._sites import MetricLike, check_options, n_passes, site_attributions
-from hookpatch.checks import IntsLike, metric_name, require_finite, require_finite_result, require_metric
+from hookpatch.checks import IntLike, IntsLike, metric_name, require_finite, require_finite_result, require_metric
 from hookpatch.metrics.base import Metric
 from hookpatch.model.facts import component_info
 from hookpatch.model.loading import require_eval
@@ -64,11 +64,11 @@ def attribution_sweep(
     *,
     by: Sequence[str] = ("layer", "pos"),
     direction: str = "denoising",
-    steps: int = 1,
+    steps: IntLike = 1,
     layers: IntsLike = None,
     positions: Any = None,
     heads: IntsLike = None,
-    steps_per_pass: int = 8,
+    steps_per_pass: IntLike = 8,
     progress: bool = True,
 ) -> SweepResult:
     """Attribution patching (``steps=1``) or integrated gradients of ``component`` over a grid.
@@ -99,7 +99,7 @@ def attribution_sweep(
         A :class:`SweepResult` whose ``values[*grid, batch]`` are estimated metric changes
         (patched − unpatched); ``info`` has method, steps, direction, component, metric.
     """
-    check_options(direction, steps, steps_per_pass)
+    steps, steps_per_pass = check_options(direction, steps, steps_per_pass)
     require_eval(model)
     require_metric(metric, prompts)
     grid = Grid.build(model, prompts, component, by, layers, positions, heads)

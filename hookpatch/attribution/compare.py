@@ -30,7 +30,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from hookpatch._summary import axes_line, what_was_done
-from hookpatch.attribution._sites import MetricLike
+from hookpatch.attribution._sites import MetricLike, check_options
 from hookpatch.attribution.atp import attribution_sweep
 from hookpatch.checks import IntLike, IntsLike, as_int
 from hookpatch.errors import HookpatchError
@@ -136,7 +136,8 @@ def compare(
     *,
     by: Sequence[str] = ("layer", "pos"),
     direction: str = "denoising",
-    steps: int = 1,
+    steps: IntLike = 1,
+    steps_per_pass: IntLike = 8,
     layers: IntsLike = None,
     positions: Any = None,
     heads: IntsLike = None,
@@ -159,6 +160,7 @@ def compare(
         model, prompts, metric, component, by, direction, layers, positions, heads: as in
             :func:`hookpatch.sweeps.patch_sweep` (the metric must be differentiable).
         steps: attribution's interpolation points (1 = attribution patching).
+        steps_per_pass: interpolation points stacked into one forward (IG; lower saves memory).
         k: cells in the top-k overlap (at most the number of cells); default 10, or every
             cell of a grid with fewer.
         sign_tol: values with ``|x| <= sign_tol`` count as sign 0 in the sign agreement.
@@ -169,9 +171,10 @@ def compare(
 
     cells = math.prod(Grid.build(model, prompts, component, by, layers, positions, heads).shape)
     _check_statistics(k, sign_tol, level, n_resamples, seed, cells)  # before minutes of sweeping
+    steps, steps_per_pass = check_options(direction, steps, steps_per_pass)
     grid = dict(by=by, direction=direction, layers=layers, positions=positions, heads=heads, progress=progress)
     activation = patch_sweep(model, prompts, metric, component, fast=fast, **grid)
-    attribution = attribution_sweep(model, prompts, metric, component, steps=steps, **grid)
+    attribution = attribution_sweep(model, prompts, metric, component, steps=steps, steps_per_pass=steps_per_pass, **grid)
     return compare_results(
         activation, attribution, k=k, sign_tol=sign_tol, level=level, n_resamples=n_resamples, seed=seed
     )

@@ -34,6 +34,11 @@ class Normalized(Metric):
     min_gap: float = 1e-4
 
     def __post_init__(self) -> None:
+        if not isinstance(self.base, Metric):
+            raise HookpatchError(
+                f"base= must be a hookpatch Metric built on the prompt set (e.g. LogitDiff(prompts)); "
+                f"got {type(self.base).__name__}. Normalized rescales that metric's values."
+            )
         for arg in ("clean", "corrupted"):
             value = getattr(self, arg)
             if not math.isfinite(value):
