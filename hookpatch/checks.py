@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numbers
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -54,6 +54,14 @@ def as_int(value: IntLike, arg: str, *, minimum: int | None = None, hint: str = 
     if not is_int(value) or (minimum is not None and int(value) < minimum):
         bound = "" if minimum is None else f" >= {minimum}"
         raise HookpatchError(f"{arg}={value!r} must be an integer{bound}{hint}.")
+    return int(value)
+
+
+def as_count(value: IntLike, arg: str, meaning: str) -> int:
+    """``value`` as a positive Python int (any integer type); else an error naming ``arg`` and
+    saying what it counts (``meaning``)."""
+    if not is_int(value) or int(value) < 1:
+        raise HookpatchError(f"{arg}={value!r} must be a positive integer: {meaning}.")
     return int(value)
 
 
@@ -149,12 +157,15 @@ def metric_name(metric: Any) -> str:
     return str(getattr(metric, "name", None) or getattr(metric, "__name__", None) or type(metric).__name__)
 
 
-def require_finite(values: Tensor, what: str, labels: Sequence[str], fix: str = "") -> None:
-    """Raise if ``values`` (``[..., batch]``, entries labelled by ``labels`` in flat order)
-    holds NaN or inf, naming up to three of the offending entries."""
+def require_finite(
+    values: Tensor, what: str, labels: Callable[[], Sequence[str]], fix: str = ""
+) -> None:
+    """Raise if ``values`` (``[..., batch]``) holds NaN or inf, naming up to three of the
+    offending entries; ``labels()`` gives every entry's label in flat order (built only then)."""
     bad = ~torch.isfinite(values.detach().reshape(-1).cpu())
     if bad.any():
-        where = [labels[int(i)] for i in bad.nonzero()[:3, 0]]
+        names = labels()
+        where = [names[int(i)] for i in bad.nonzero()[:3, 0]]
         more = f" and {int(bad.sum()) - len(where)} more" if int(bad.sum()) > len(where) else ""
         raise HookpatchError(
             f"{what} is NaN or inf at {', '.join(where)}{more}. "
@@ -178,8 +189,15 @@ def require_finite_result(result: Any, what: str) -> None:
     """Raise if a :class:`~hookpatch.results.SweepResult` holds NaN or inf, naming the cells
     (``"L1 @ 3: friend, prompt 2"``)."""
     n = int(result.values.shape[-1])
-    labels = [f"{row['label']}, prompt {b}" for _, row in result.cells() for b in range(n)]
-    require_finite(result.values, what, labels)
+    require_finite(result.values, what, lambda: [f"{row['label']}, prompt {b}" for _, row in result.cells() for b in range(n)])
+
+
+def require_finite_runs(metric: Any, runs: dict[str, Tensor]) -> None:
+    """Raise if the metric on an unpatched run (``runs``: run name → ``[batch]`` values) is
+    NaN or inf, naming the run and the prompts — before any sweep builds on it."""
+    for run, values in runs.items():
+        require_finite(values, f"the metric {metric_name(metric)} on the unpatched {run} run",
+                       lambda: [f"prompt {i}" for i in range(int(values.shape[-1]))])
 
 
 def check_device(device: Any, arg: str = "device") -> None:

@@ -5,8 +5,9 @@ cells is the change it caused, prompt by prompt:
 
 - ``"corrupted"``: patched − corrupted run (denoising patching: what the clean activation restores);
 - ``"clean"``: patched − clean run (noising patching and ablations: what the intervention breaks);
-- ``"none"``: the values themselves (DLA and the logit lens are already contributions, and
-  attribution patching's values are already estimated changes).
+- ``"none"``: the values themselves: DLA values are already contributions and attribution
+  patching's already estimated changes (only ``"none"`` applies to them); the default for
+  readouts such as the logit lens, whose values are the metric read at each layer.
 
 With a normalized metric the baselines are normalized too, so the effect is the normalized
 change. :class:`Effects` holds the per-prompt effects with their mean, a paired bootstrap
@@ -22,12 +23,13 @@ from typing import Any, Mapping
 from jaxtyping import Float
 from torch import Tensor
 
+from hookpatch.checks import IntLike, as_count, as_int
 from hookpatch.errors import HookpatchError
+from hookpatch.hooks.factory import ABLATIONS
 from hookpatch.stats import adjust_pvalues, check_bootstrap, check_correction, mean_ci, sign_flip_pvalue
 
 BASELINES = ("corrupted", "clean", "none")
-ABLATIONS = ("zero", "mean", "resample")
-ALREADY_EFFECTS = ("attribution", "integrated_gradients", "dla", "dla_heads", "dla_neurons", "logit_lens")
+ALREADY_EFFECTS = ("attribution", "integrated_gradients", "dla", "dla_heads", "dla_neurons")
 
 
 def default_baseline(info: Mapping[str, Any]) -> str:
@@ -105,14 +107,16 @@ def measure(
     labels: Mapping[str, tuple[str, ...]],
     *,
     level: float = 0.95,
-    n_resamples: int = 1000,
-    n_permutations: int = 1000,
-    seed: int = 0,
+    n_resamples: IntLike = 1000,
+    n_permutations: IntLike = 1000,
+    seed: IntLike = 0,
     alternative: str = "two-sided",
     correction: str | None = "holm",
 ) -> Effects:
     """The :class:`Effects` of per-prompt effects measured against ``baseline`` (see ``SweepResult.effects``)."""
-    check_bootstrap(level, n_resamples)
+    n_resamples = check_bootstrap(level, n_resamples)
+    seed = as_int(seed, "seed")
+    n_permutations = as_count(n_permutations, "n_permutations", "random sign patterns, e.g. 1000")
     check_correction(correction)
     effect = per_prompt.detach().float().cpu()
     p = sign_flip_pvalue(effect, n_permutations, seed, alternative)

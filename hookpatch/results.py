@@ -20,6 +20,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from hookpatch.checks import IntLike
 from hookpatch._summary import axes_line, what_was_done
 from hookpatch.effects import Effects, measure, resolve_baseline
 from hookpatch.errors import HookpatchError
@@ -73,7 +74,7 @@ class SweepResult:
         """Mean over prompts, one value per cell."""
         return PerPrompt(self.values).mean()
 
-    def ci(self, level: float = 0.95, n_resamples: int = 1000, seed: int = 0) -> tuple[Tensor, Tensor]:
+    def ci(self, level: float = 0.95, n_resamples: IntLike = 1000, seed: IntLike = 0) -> tuple[Tensor, Tensor]:
         """Bootstrap interval of the mean *value* over prompts, per cell (the interval around :meth:`mean`).
 
         This is not the interval of an effect: prompts differ in their clean and corrupted
@@ -108,9 +109,9 @@ class SweepResult:
         baseline: str | None = None,
         *,
         level: float = 0.95,
-        n_resamples: int = 1000,
-        n_permutations: int = 1000,
-        seed: int = 0,
+        n_resamples: IntLike = 1000,
+        n_permutations: IntLike = 1000,
+        seed: IntLike = 0,
         alternative: str = "two-sided",
         correction: str | None = "holm",
     ) -> Effects:

@@ -17,6 +17,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from hookpatch.checks import IntLike, as_count, as_int
 from hookpatch.errors import HookpatchError
 
 ALTERNATIVES = ("two-sided", "greater", "less")
@@ -25,12 +26,12 @@ EXACT_MAX_N = 12  # TransformerLens' default: up to 2**12 sign patterns are enum
 EXACT_BLOCK = 2**24  # floats per block of cells in the exact test (64 MB)
 
 
-def check_bootstrap(level: float, n_resamples: int) -> None:
-    """Raise a :class:`HookpatchError` unless ``level`` is in (0, 1) and ``n_resamples`` >= 1."""
+def check_bootstrap(level: float, n_resamples: IntLike) -> int:
+    """``n_resamples`` as an int; raise a :class:`HookpatchError` unless ``level`` is in (0, 1)
+    and ``n_resamples`` a positive integer (any integer type)."""
     if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0.0 < level < 1.0:
-        raise HookpatchError(f"level={level!r} must be a confidence level in (0, 1), e.g. 0.95.")
-    if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 1:
-        raise HookpatchError(f"n_resamples={n_resamples!r} must be a positive integer, e.g. 1000.")
+        raise HookpatchError(f"level={level!r} must be in (0, 1): a confidence level such as 0.95.")
+    return as_count(n_resamples, "n_resamples", "bootstrap resamples, e.g. 1000")
 
 
 def check_correction(correction: str | None) -> None:
@@ -40,7 +41,7 @@ def check_correction(correction: str | None) -> None:
 
 
 def mean_ci(
-    values: Float[Tensor, "*cells batch"], level: float = 0.95, n_resamples: int = 1000, seed: int = 0
+    values: Float[Tensor, "*cells batch"], level: float = 0.95, n_resamples: IntLike = 1000, seed: IntLike = 0
 ) -> tuple[Float[Tensor, "*cells"], Float[Tensor, "*cells"]]:
     """Percentile bootstrap interval of the mean over the last axis, per cell.
 
@@ -58,7 +59,7 @@ def mean_ci(
     """
     from transformer_lens.utilities.statistics import bootstrap_ci, derive_generator
 
-    check_bootstrap(level, n_resamples)
+    n_resamples, seed = check_bootstrap(level, n_resamples), as_int(seed, "seed")
     return bootstrap_ci(
         values.detach().float().cpu(),
         dim=-1,
@@ -71,8 +72,8 @@ def mean_ci(
 
 def sign_flip_pvalue(
     effects: Float[Tensor, "*cells batch"],
-    n_permutations: int = 1000,
-    seed: int = 0,
+    n_permutations: IntLike = 1000,
+    seed: IntLike = 0,
     alternative: str = "two-sided",
 ) -> Float[Tensor, "*cells"]:
     """Paired sign-flip permutation p-value that each cell's mean effect is zero.
@@ -94,8 +95,8 @@ def sign_flip_pvalue(
 
     if alternative not in ALTERNATIVES:
         raise HookpatchError(f"alternative={alternative!r}: expected one of {ALTERNATIVES}.")
-    if isinstance(n_permutations, bool) or not isinstance(n_permutations, int) or n_permutations < 1:
-        raise HookpatchError(f"n_permutations={n_permutations!r} must be a positive integer, e.g. 1000.")
+    n_permutations = as_count(n_permutations, "n_permutations", "random sign patterns, e.g. 1000")
+    seed = as_int(seed, "seed")
     x = effects.detach().float().cpu()
     n = x.shape[-1]
 

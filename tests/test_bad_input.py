@@ -196,7 +196,7 @@ CASES = {
     "compare_k_too_big": (lambda c: hp.compare(c.model, c.prompts, c.metric, "z", by=("layer", "head"), k=9, **QUIET), r"k=9 must be an integer from 1 to the number of cells \(8\)"),
     "compare_level": (lambda c: hp.compare(c.model, c.prompts, c.metric, level=1.5, **QUIET), r"level=1.5 must be in \(0, 1\)"),
     "compare_level_nan": (lambda c: hp.compare(c.model, c.prompts, c.metric, level=math.nan, **QUIET), r"level=nan must be in \(0, 1\)"),
-    "compare_n_resamples": (lambda c: hp.compare(c.model, c.prompts, c.metric, n_resamples=0, **QUIET), r"n_resamples=0 must be an integer >= 1"),
+    "compare_n_resamples": (lambda c: hp.compare(c.model, c.prompts, c.metric, n_resamples=0, **QUIET), r"n_resamples=0 must be a positive integer"),
     "compare_sign_tol": (lambda c: hp.compare(c.model, c.prompts, c.metric, sign_tol=-1.0, **QUIET), r"sign_tol=-1.0 must be >= 0"),
     "predictions_k": (lambda c: hp.predictions(c.model, "Mary went to the", k=0), r"k=0 must be an integer >= 1"),
     "dla_neuron_layer": (lambda c: dla_by_neuron(c.model, c.prompts, c.metric, 7), r"layer 7 is out of range"),
@@ -250,6 +250,9 @@ USER_CASES = {
     "predictions_prompt_list": (lambda c: hp.predictions(c.model, ["Mary went to the"]), r"prompt= must be the prompt text \(a str\); got list"),
     "compare_steps_zero": (lambda c: hp.compare(c.model, c.prompts, c.metric, "z", by=("layer", "head"), steps=0, **QUIET), r"steps=0 must be a positive integer"),
     "normalized_base_not_a_metric": (lambda c: hp.Normalized(lambda logits: logits[..., 0, 0], 1.0, 0.0), r"base= must be a hookpatch Metric"),
+    "compare_results_ablation": (lambda c: compare_results(hp.ablation_sweep(c.model, c.prompts, c.metric, "z", **QUIET),
+                                                           hp.attribution_sweep(c.model, c.prompts, c.metric, "z", by=("layer", "head"), **QUIET)),
+                                 r"activation= must be an activation-patching result \(patch_sweep\); got a 'zero' result"),
     "steps_float": (lambda c: hp.attribution_sweep(c.model, c.prompts, c.metric, steps=1.5, **QUIET), r"steps=1.5 must be a positive integer"),
     "compare_k_float": (lambda c: hp.compare(c.model, c.prompts, c.metric, k=2.5, **QUIET), r"k=2.5 must be an integer >= 1"),
     "compare_level_string": (lambda c: hp.compare(c.model, c.prompts, c.metric, level="high", **QUIET), r"level='high' must be in \(0, 1\)"),
@@ -405,6 +408,19 @@ def test_compare_default_k_fits_a_small_grid(ctx):
     assert cmp.k == 8 and cmp.top_k_overlap.value == 1.0
     again = compare_results(cmp.activation, cmp.attribution, k=np.int64(3), n_resamples=np.int64(20), seed=np.int64(0))
     assert again.k == 3 and type(again.k) is int
+
+
+def test_position_names_in_any_iterable_are_accepted(ctx):
+    c = ctx
+    base = hp.patch_sweep(c.model, c.prompts, c.metric, positions=["END", 1], **QUIET)
+    for positions in ({"END": 0, 1: 0}.keys(), (p for p in ("END", 1)), ("END", np.int64(1)), np.array(["END"])):
+        again = hp.patch_sweep(c.model, c.prompts, c.metric, positions=positions, **QUIET)
+        n = again.values.shape[1]
+        assert torch.equal(again.values, base.values[:, :n]) and again.labels["pos"] == base.labels["pos"][:n]
+    heads = hp.patch_sweep(c.model, c.prompts, c.metric, "z", by=("layer", "head"), **QUIET)
+    assert hp.rank_heads(heads, k=np.int64(2)).equals(hp.rank_heads(heads, k=2))
+    assert torch.equal(heads.effects(n_resamples=np.int64(50), seed=np.int64(1)).ci_low,
+                       heads.effects(n_resamples=50, seed=1).ci_low)
 
 
 def test_a_metric_on_an_equal_prompt_set_is_accepted(ctx):

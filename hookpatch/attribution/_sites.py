@@ -36,7 +36,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hookpatch.checks import IntLike, is_int, require_metric_values
+from hookpatch.checks import IntLike, as_count, require_finite_runs, require_metric_values
 from hookpatch.errors import HookpatchError
 from hookpatch.metrics.base import Metric
 from hookpatch.model.loading import require_eval
@@ -72,14 +72,12 @@ def check_options(direction: str, steps: IntLike, steps_per_pass: IntLike) -> tu
     non-positive step count (numpy and torch integers are accepted)."""
     if direction not in DIRECTIONS:
         raise HookpatchError(f"unknown direction {direction!r}; expected one of {DIRECTIONS}.")
-    for arg, value, meaning in (
-        ("steps", steps, "the number of interpolation points (1 = plain attribution patching, 16-64 for integrated gradients)"),
-        ("steps_per_pass", steps_per_pass, "how many interpolation points one forward stacks along the batch (lower it to save memory)"),
-    ):
-        if not is_int(value) or int(value) < 1:
-            raise HookpatchError(f"{arg}={value!r} must be a positive integer: {meaning}.")
-    steps, steps_per_pass = int(steps), int(steps_per_pass)
-    return steps, steps_per_pass
+    return (
+        as_count(steps, "steps", "the number of interpolation points (1 = plain attribution patching, "
+                 "16-64 for integrated gradients)"),
+        as_count(steps_per_pass, "steps_per_pass", "how many interpolation points one forward stacks "
+                 "along the batch (lower it to save memory)"),
+    )
 
 
 def site_attributions(
@@ -133,12 +131,16 @@ def site_attributions(
         if direction == "denoising"
         else (prompts.clean_tokens, prompts.corrupted_tokens)
     )
+    base_run, target_run = ("corrupted", "clean") if direction == "denoising" else ("clean", "corrupted")
     target, target_acts = capture(model, target_tokens, names, metric)
+    require_finite_runs(metric, {target_run: target})
     try:
         if steps == 1:
             base, base_acts, grads = atp_gradients(model, base_tokens, names, metric)
+            require_finite_runs(metric, {base_run: base})
         else:
             base, base_acts = capture(model, base_tokens, names, metric)
+            require_finite_runs(metric, {base_run: base})
             diffs = {n: target_acts[n] - base_acts[n] for n in names}
             grads = ig_gradients(model, base_tokens, diffs, metric, steps, steps_per_pass, progress)
     finally:

@@ -47,7 +47,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from hookpatch.attribution._sites import MetricLike, check_options, n_passes, site_attributions
-from hookpatch.checks import IntLike, IntsLike, metric_name, require_finite, require_finite_result, require_metric
+from hookpatch.checks import IntLike, IntsLike, metric_name, require_finite_result, require_metric
 from hookpatch.metrics.base import Metric
 from hookpatch.model.facts import component_info
 from hookpatch.model.loading import require_eval
@@ -112,9 +112,6 @@ def attribution_sweep(
     values = torch.stack([_reduce(grid, columns, sites.attributions[hook(l)].cpu()) for l in grid.layers])
     base, target = sites.base, sites.target
     clean, corrupted = (target, base) if direction == "denoising" else (base, target)
-    for run, tensor in (("clean", clean), ("corrupted", corrupted)):
-        require_finite(tensor, f"the metric {metric_name(metric)} on the unpatched {run} run",
-                       [f"prompt {i}" for i in range(len(prompts))])
     info: dict[str, Any] = {
         "method": "attribution" if steps == 1 else "integrated_gradients",
         "steps": steps,

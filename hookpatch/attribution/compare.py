@@ -33,6 +33,7 @@ from hookpatch._summary import axes_line, what_was_done
 from hookpatch.attribution._sites import MetricLike, check_options
 from hookpatch.attribution.atp import attribution_sweep
 from hookpatch.checks import IntLike, IntsLike, as_int
+from hookpatch.stats import check_bootstrap
 from hookpatch.errors import HookpatchError
 from hookpatch.results import SweepResult
 from hookpatch.sweeps.grid import Grid
@@ -173,8 +174,9 @@ def compare(
     _check_statistics(k, sign_tol, level, n_resamples, seed, cells)  # before minutes of sweeping
     steps, steps_per_pass = check_options(direction, steps, steps_per_pass)
     grid = dict(by=by, direction=direction, layers=layers, positions=positions, heads=heads, progress=progress)
-    activation = patch_sweep(model, prompts, metric, component, fast=fast, **grid)
+    # attribution first: it refuses a metric without gradients after a few passes, not a whole sweep
     attribution = attribution_sweep(model, prompts, metric, component, steps=steps, steps_per_pass=steps_per_pass, **grid)
+    activation = patch_sweep(model, prompts, metric, component, fast=fast, **grid)
     return compare_results(
         activation, attribution, k=k, sign_tol=sign_tol, level=level, n_resamples=n_resamples, seed=seed
     )
@@ -197,8 +199,7 @@ def compare_results(
     _check_pair(activation, attribution)
     n_cells = int(torch.tensor(attribution.shape).prod()) if attribution.shape else 1
     k, n_resamples, seed = _check_statistics(k, sign_tol, level, n_resamples, seed, n_cells)
-    direction = activation.info.get("direction", "denoising")
-    effect = activation.effect("corrupted" if direction == "denoising" else "clean").float().cpu()
+    effect = activation.effect().float().cpu()  # patched − corrupted (denoising) or − clean (noising)
     act = effect.reshape(n_cells, -1)
     att = attribution.values.float().cpu().reshape(n_cells, -1)
     batch = act.shape[-1]
@@ -239,15 +240,19 @@ def _check_statistics(
     k = as_int(k, "k", minimum=1, hint=": the number of cells in the top-k overlap")
     if n_cells is not None and k > n_cells:
         raise HookpatchError(f"k={k!r} must be an integer from 1 to the number of cells ({n_cells}).")
-    if not isinstance(level, (int, float)) or not 0.0 < level < 1.0:
-        raise HookpatchError(f"level={level!r} must be in (0, 1), e.g. 0.95.")
-    n_resamples = as_int(n_resamples, "n_resamples", minimum=1, hint=", e.g. 1000")
+    n_resamples = check_bootstrap(level, n_resamples)
     if not isinstance(sign_tol, (int, float)) or not sign_tol >= 0:
         raise HookpatchError(f"sign_tol={sign_tol!r} must be >= 0.")
     return k, n_resamples, as_int(seed, "seed")
 
 
 def _check_pair(activation: SweepResult, attribution: SweepResult) -> None:
+    if activation.info.get("method") != "patch":
+        raise HookpatchError(
+            f"activation= must be an activation-patching result (patch_sweep); got a "
+            f"{activation.info.get('method', 'unlabelled')!r} result. Attribution estimates the "
+            "effect of patching, so compare it with patch_sweep in the same direction."
+        )
     if activation.axes != attribution.axes or dict(activation.labels) != dict(attribution.labels):
         raise HookpatchError(
             f"the two results are on different grids (axes {activation.axes} vs {attribution.axes}, "

@@ -120,7 +120,7 @@ class PerPrompt:
         return self.values.mean(-1)
 
     def ci(
-        self, level: float = 0.95, n_resamples: int = 1000, seed: int = 0
+        self, level: float = 0.95, n_resamples: Any = 1000, seed: Any = 0
     ) -> tuple[Float[Tensor, "*cells"], Float[Tensor, "*cells"]]:
         """Percentile bootstrap interval of the mean over prompts (:func:`hookpatch.stats.mean_ci`).
 

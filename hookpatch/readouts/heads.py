@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from hookpatch.checks import IntLike, as_count
 from hookpatch.errors import HookpatchError
 from hookpatch.results import SweepResult
 
@@ -18,7 +19,7 @@ COLUMNS = ["sign", "rank", "label", "layer", "head", "effect_mean", "effect_ci_l
            "p", "p_adjusted", "value_mean", "baseline"]
 
 
-def rank_heads(result: SweepResult, k: int = 5, *, baseline: str | None = None, **stats: Any) -> Any:
+def rank_heads(result: SweepResult, k: IntLike = 5, *, baseline: str | None = None, **stats: Any) -> Any:
     """A DataFrame of the ``k`` heads with the largest positive and the ``k`` with the largest negative effect.
 
     Example:
@@ -48,8 +49,7 @@ def rank_heads(result: SweepResult, k: int = 5, *, baseline: str | None = None, 
             f"rank_heads needs a result over (layer, head); got axes {axes}. Use "
             "dla_by_head, patch_sweep(..., by=('layer', 'head')) or ablation_sweep(..., 'z')."
         )
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise HookpatchError(f"k={k!r}: ask for at least one head per sign, e.g. k=5.")
+    k = as_count(k, "k", "how many heads per sign to list, e.g. k=5")
     df = result.to_dataframe(baseline=baseline, **stats)
     rows = []
     for sign, picked, ascending in (("positive", df["effect_mean"] > 0, False),

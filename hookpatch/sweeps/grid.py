@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from hookpatch.checks import IntsLike, as_int, as_ints, require_prompts
+from hookpatch.checks import IntsLike, as_int, as_ints, is_int, require_prompts
 from hookpatch.errors import HookpatchError
 from hookpatch.hooks.selection import per_prompt_positions
 from hookpatch.model.facts import ModelFacts, component_info, model_facts
@@ -154,6 +154,13 @@ def _positions(value: Any) -> list[int | str] | None:
         return None
     if isinstance(value, str):
         return [value]
-    if isinstance(value, (list, tuple)) and any(isinstance(p, str) for p in value):
+    if getattr(getattr(value, "dtype", None), "kind", "") in ("U", "S", "O"):  # a numpy array of names
+        value = value.tolist()
+    if not isinstance(value, Tensor) and type(value).__module__ != "numpy" and not is_int(value):
+        try:
+            value = list(value)  # any iterable: a tuple, dict keys, a generator, ...
+        except TypeError:
+            pass
+    if isinstance(value, list) and any(isinstance(p, str) for p in value):
         return [p if isinstance(p, str) else as_int(p, "positions") for p in value]
     return as_ints(value, "positions")

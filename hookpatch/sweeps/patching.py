@@ -24,7 +24,7 @@ from hookpatch.checks import (
     IntsLike,
     as_int,
     metric_name,
-    require_finite,
+    require_finite_runs,
     require_finite_result,
     require_metric,
     require_metric_values,
@@ -186,9 +186,8 @@ class _Context:
                 clean_logits, clean_cache = model.run_with_cache(prompts.clean_tokens)
                 corrupted_logits, corrupted_cache = model.run_with_cache(prompts.corrupted_tokens)
                 clean, corrupted = metric(clean_logits), metric(corrupted_logits)
-        for run, values in (("clean", clean), ("corrupted", corrupted)):
-            require_finite(require_metric_values(values, (B,)), f"the metric {metric_name(metric)} on the "
-                           f"unpatched {run} run", [f"prompt {i}" for i in range(B)])
+        require_finite_runs(metric, {"clean": require_metric_values(clean, (B,)),
+                                     "corrupted": require_metric_values(corrupted, (B,))})
         return cls(
             model=model, prompts=prompts, component=component, grid=grid, cells=cells,
             fast=runner, clean_cache=clean_cache, corrupted_cache=corrupted_cache,
@@ -217,5 +216,6 @@ class _Context:
                 **info,
             },
         )
-        require_finite_result(result, f"the metric {metric_name(metric)} after patching")
+        done = "patching" if info["method"] == "patch" else f"{info['method']} ablation"
+        require_finite_result(result, f"the metric {metric_name(metric)} after {done}")
         return result

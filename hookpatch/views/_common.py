@@ -11,6 +11,7 @@ from typing import Sequence
 import plotly.graph_objects as go
 
 from hookpatch.errors import HookpatchError
+from hookpatch.hooks.factory import ABLATIONS
 from hookpatch.results import SweepResult
 
 AXIS_TITLES = {"layer": "Layer", "pos": "Position", "head": "Head", "point": "Layer point",
@@ -29,7 +30,7 @@ METHOD_TITLES = {
     "dla_neurons": "Direct logit attribution by neuron",
 }
 
-ABLATION_METHODS = ("zero", "mean", "resample")
+ABLATION_METHODS = ABLATIONS
 
 
 def require_axes(result: SweepResult, allowed: Sequence[tuple[str, ...]], view: str, hint: str = "") -> None:

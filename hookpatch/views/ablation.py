@@ -1,7 +1,6 @@
 """Ablation heatmap: the metric after ablating each head (or layer × position cell).
 
-As in the user's notebook (``imshow(ablation_result, midpoint=original_loss)``) the colour
-midpoint is the clean run's metric (mean over prompts): white = no change, red = the
+The colour midpoint is the clean run's metric (mean over prompts): white = no change, red = the
 ablation lowered the metric, blue = it raised it. Since the mean change is the mean value
 minus that midpoint, the colours read as effects; the hover gives each cell's effect against
 the clean run with its paired CI and corrected p-value.
