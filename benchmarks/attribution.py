@@ -3,8 +3,9 @@
 On the GPT-2-small-shaped model of ``benchmarks/sweeps.py`` (one CPU thread), for the same
 three settings, times attribution patching of every head by position (``z``, layer × pos ×
 head) and one plain forward pass of the bridge on the same prompts, and writes their ratio:
-the issue's budget is at most 3 forward-equivalents (one clean forward with cache, one
-corrupted forward + backward). Activation patching of the same grid is in ``sweeps.json``.
+the budget is at most 3 forward-equivalents (what attribution patching needs in principle:
+one clean forward with cache, one corrupted forward + backward). Activation patching of the
+same grid is in ``sweeps.json``.
 
     python benchmarks/attribution.py --json benchmarks/results/attribution.json
 """
@@ -12,6 +13,7 @@ corrupted forward + backward). Activation patching of the same grid is in ``swee
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -19,11 +21,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweeps import clock, settings_for  # noqa: E402
-
 from hookpatch.attribution import attribution_sweep  # noqa: E402
 from hookpatch.metrics import LogitDiff  # noqa: E402
 from hookpatch.model.tiny import tiny_model  # noqa: E402
+from sweeps import clock, settings_for  # noqa: E402
 
 
 def best_of(fn, repeats: int = 3) -> float:
@@ -47,9 +48,9 @@ def main() -> None:
         prompts = build()
         metric = LogitDiff(prompts)
         with torch.no_grad():
-            forward = best_of(lambda: model(prompts.clean_tokens))
-        atp = best_of(lambda: attribution_sweep(model, prompts, metric, "z", by=("layer", "pos", "head"),
-                                                progress=False), repeats=2)
+            forward = best_of(functools.partial(model, prompts.clean_tokens))
+        atp = best_of(functools.partial(attribution_sweep, model, prompts, metric, "z", by=("layer", "pos", "head"),
+                                          progress=False), repeats=2)
         rows.append({"setting": name, "n_prompts": len(prompts), "n_tokens": prompts.n_pos,
                      "sweep": "attribution_heads_by_pos", "hookpatch_s": atp, "forward_s": forward,
                      "forward_equivalents": atp / forward})

@@ -45,7 +45,8 @@ NOTES = (
     "transformerlens_s is extrapolated from the first transformerlens_fraction of the grid's cells (TL's "
     "cost per cell is constant); max_abs_diff compares those cells. peak_mb is the peak resident memory "
     "above the process's level before the sweep (after handing freed memory back to the OS with "
-    "malloc_trim), sampled every millisecond by a thread whose CPU time is not counted. roofline_s counts, per cell, every layer from the patched one at every position from "
+    "malloc_trim), sampled every millisecond by a thread whose CPU time is not counted. roofline_s counts, "
+    "per cell, every layer from the patched one at every position from "
     "the patched one, plus the full unembedding at END. hookpatch does less than that, so "
     "roofline_multiple can fall below 1: the last layer runs only at END; a patch after attention (z) "
     "finishes its own layer at the patched positions only, without recomputing that layer's attention; "
@@ -124,7 +125,7 @@ class PeakMemory:
     """Peak resident memory above the level at entry, sampled every millisecond in a thread
     (torch releases the GIL in its kernels, so the sampler keeps running during a sweep)."""
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         release_freed_memory()
         self.base = self.peak = rss_mb()
         self._stop = threading.Event()
@@ -166,13 +167,15 @@ def time_tl(model, prompts, metric, sweep: str, fraction: float) -> tuple[float,
 
 def settings_for(model) -> dict:
     """The three prompt sets, built lazily for ``model``."""
-    # The user's pronoun frames with one leading word: GPT-2 reads them as 11 tokens (its BPE
+    # The pronoun frames (vocab.PRONOUN_TEMPLATES) with one leading word: GPT-2 reads them as 11 tokens (its BPE
     # splits "’" in two); the offline word-level tokenizer needs the extra word to match.
     frames = ["Then " + t for t in PRONOUN_TEMPLATES]
     return {
         "single": lambda: pronoun_prompts(model, templates=frames).select([0]),
         "pronoun": lambda: pronoun_prompts(model, templates=frames),
-        "ioi": lambda: ioi_prompts(model, 8, templates=["When {A} and {B} went to the {place}, {S} gave the {object} to"]),
+        "ioi": lambda: ioi_prompts(
+            model, 8, templates=["When {A} and {B} went to the {place}, {S} gave the {object} to"]
+        ),
     }
 
 

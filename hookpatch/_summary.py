@@ -6,7 +6,8 @@ few lines, never print every prompt or tensor: these helpers shorten the parts.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 
 def clip(text: str, width: int = 80) -> str:
@@ -19,10 +20,10 @@ def clip(text: str, width: int = 80) -> str:
 
 def listing(items: Iterable[object], n: int = 6) -> str:
     """``"a, b, c, …, z"``: the first ``n - 1`` items and the last, comma-separated."""
-    items = [str(i) for i in items]
-    if len(items) > n:
-        items = items[: n - 1] + ["…", items[-1]]
-    return ", ".join(items)
+    texts = [str(i) for i in items]
+    if len(texts) > n:
+        texts = texts[: n - 1] + ["…", texts[-1]]
+    return ", ".join(texts)
 
 
 def axes_line(axes: Iterable[str], labels: Mapping[str, Sequence[str]]) -> str:

@@ -11,9 +11,11 @@ researcher's layer list often comes out of numpy or torch. Floats and bools are 
 
 from __future__ import annotations
 
+import functools
 import numbers
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -45,7 +47,9 @@ def is_int(value: Any) -> bool:
     if isinstance(value, bool):
         return False
     if isinstance(value, Tensor):
-        return value.ndim == 0 and not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool
+        return (
+            value.ndim == 0 and not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool
+        )
     return isinstance(value, numbers.Integral) and type(value).__name__ != "bool_"
 
 
@@ -63,6 +67,14 @@ def as_count(value: IntLike, arg: str, meaning: str) -> int:
     if not is_int(value) or int(value) < 1:
         raise HookpatchError(f"{arg}={value!r} must be a positive integer: {meaning}.")
     return int(value)
+
+
+def as_int_list(value: IntsLike, arg: str) -> list[int]:
+    """:func:`as_ints` for an argument that has no "all" default: ``None`` is refused."""
+    ints = as_ints(value, arg)
+    if ints is None:
+        raise HookpatchError(f"{arg}=None must be an integer or a list of integers, e.g. {arg}=[0, 1].")
+    return ints
 
 
 def as_ints(value: IntsLike, arg: str) -> list[int] | None:
@@ -189,7 +201,9 @@ def require_finite_result(result: Any, what: str) -> None:
     """Raise if a :class:`~hookpatch.results.SweepResult` holds NaN or inf, naming the cells
     (``"L1 @ 3: friend, prompt 2"``)."""
     n = int(result.values.shape[-1])
-    require_finite(result.values, what, lambda: [f"{row['label']}, prompt {b}" for _, row in result.cells() for b in range(n)])
+    require_finite(
+        result.values, what, lambda: [f"{row['label']}, prompt {b}" for _, row in result.cells() for b in range(n)]
+    )
 
 
 def require_finite_runs(metric: Any, runs: dict[str, Tensor]) -> None:
@@ -197,7 +211,11 @@ def require_finite_runs(metric: Any, runs: dict[str, Tensor]) -> None:
     NaN or inf, naming the run and the prompts — before any sweep builds on it."""
     for run, values in runs.items():
         require_finite(values, f"the metric {metric_name(metric)} on the unpatched {run} run",
-                       lambda: [f"prompt {i}" for i in range(int(values.shape[-1]))])
+                       functools.partial(_prompt_labels, int(values.shape[-1])))
+
+
+def _prompt_labels(n: int) -> list[str]:
+    return [f"prompt {i}" for i in range(n)]
 
 
 def check_device(device: Any, arg: str = "device") -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from hookpatch import __version__
 from hookpatch.errors import HookpatchError

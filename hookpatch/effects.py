@@ -17,8 +17,9 @@ cells — see :mod:`hookpatch.stats` for the cost.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from jaxtyping import Float
 from torch import Tensor

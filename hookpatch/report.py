@@ -1,6 +1,7 @@
 """A whole case study in one self-contained HTML page: ``hookpatch report {pronoun,ioi}``.
 
-Runs the user's notebook workflow on a model — prediction check, logit lens, layer and head
+Runs the steps of the pronoun case study (``notebooks/pronoun_case_study.ipynb``) on a
+model, for the pronoun or the IOI task — prediction check, logit lens, layer and head
 DLA, attention views of the top heads, head ablation (zero and mean), residual patching by
 layer × position, head patching, attribution vs activation patching — and writes one HTML
 file with plotly's JavaScript and circuitsvis' inlined once, so it opens offline.
@@ -98,6 +99,7 @@ def build_report(model: Any, model_name: str, task: str, n_prompts: int | None, 
     )
 
     check = predictions(model, prompts.clean_prompts[0], prompts.answers[0][0], k=10)
+    assert check.answer is not None  # predictions() ranks the answer it is given
     report.add(
         "Prediction check", _table(check.to_dataframe()),
         f"{prompts.clean_prompts[0]!r} → answer {check.answer.token!r} has rank {check.answer.rank}, "
@@ -105,7 +107,7 @@ def build_report(model: Any, model_name: str, task: str, n_prompts: int | None, 
     )
     per_prompt = "".join(
         f"<tr><td>{html.escape(p)}</td><td>{html.escape(a[0])}</td><td>{c:+.3f}</td><td>{d:+.3f}</td></tr>"
-        for p, a, c, d in zip(prompts.clean_prompts, prompts.answers, clean.tolist(), corrupted.tolist())
+        for p, a, c, d in zip(prompts.clean_prompts, prompts.answers, clean.tolist(), corrupted.tolist(), strict=True)
     )
     report.add("Logit difference per prompt",
                f"<table><tr><th>prompt</th><th>answer</th><th>clean</th><th>corrupted</th></tr>{per_prompt}</table>")
@@ -113,7 +115,7 @@ def build_report(model: Any, model_name: str, task: str, n_prompts: int | None, 
     lenses = [logit_lens(model, prompts, base, convention=c) for c in ("final_scale", "renormalized")]
     report.add("Logit lens", _figure(views.logit_lens_line(lenses)),
                "Logit difference read from the residual stream after each layer, with the final "
-               "LayerNorm scale of the real run (the notebook's convention) and renormalized per layer.")
+               "LayerNorm scale of the real run (linear, as DLA reads it) and renormalized per layer.")
 
     parts = dla_by_component(model, prompts, base)
     heads = dla_by_head(model, prompts, base)
@@ -131,7 +133,8 @@ def build_report(model: Any, model_name: str, task: str, n_prompts: int | None, 
     for how in ("zero", "mean"):
         ablated = ablation_sweep(model, prompts, base, "z", how=how, progress=progress)
         report.add(f"Head ablation ({how})", _figure(views.ablation_heatmap(ablated))
-                   + _ranked_heads(rank_heads(ablated, k=3), f"Heads whose {how} ablation moves the logit difference most"),
+                   + _ranked_heads(rank_heads(ablated, k=3),
+                                   f"Heads whose {how} ablation moves the logit difference most"),
                    "Logit difference after ablating each head's output; the colour midpoint is the clean run. "
                    "The bars rank heads by the change from the clean run (mean over prompts, paired 95% CI).")
     loss = ablation_sweep(model, prompts, AnswerLoss(prompts), "z", how="zero", progress=progress)

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from hookpatch.checks import IntLike
 from hookpatch._summary import axes_line, what_was_done
+from hookpatch.checks import IntLike
 from hookpatch.effects import Effects, measure, resolve_baseline
 from hookpatch.errors import HookpatchError
 from hookpatch.metrics.base import PerPrompt
@@ -57,7 +58,8 @@ class SweepResult:
         lines = [f"SweepResult({what_was_done(self.info)}, {self.values.shape[-1]} prompts",
                  f"  axes: {axes_line(self.axes, self.labels)}"]
         runs = [(name, run) for name, run in (("clean", self.clean), ("corrupted", self.corrupted)) if run is not None]
-        lines.append("  runs without intervention (mean over prompts): " + ", ".join(f"{name} {float(run.float().mean()):.4g}" for name, run in runs))
+        lines.append("  runs without intervention (mean over prompts): "
+                     + ", ".join(f"{name} {float(run.float().mean()):.4g}" for name, run in runs))
         mean = self.mean().float()
         finite = mean.isfinite()
         if mean.ndim and bool(finite.any()):
@@ -65,7 +67,9 @@ class SweepResult:
             for word, fill, pick in (("max", -math.inf, torch.argmax), ("min", math.inf, torch.argmin)):
                 flat = int(pick(torch.where(finite, mean, fill)))
                 index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), mean.shape))
-                label = self.cell_label(index) or ", ".join(self.labels[a][i] for a, i in zip(self.axes, index))
+                label = self.cell_label(index) or ", ".join(
+                    self.labels[a][i] for a, i in zip(self.axes, index, strict=True)
+                )
                 ends.append(f"{word} {float(mean[index]):.4g} at {label}")
             lines.append("  mean over prompts: " + ", ".join(ends))
         return "\n".join(lines) + ")"
@@ -102,6 +106,8 @@ class SweepResult:
         if name == "none":
             return self.values
         run = self.clean if name == "clean" else self.corrupted
+        if run is None:
+            raise HookpatchError("this result has no corrupted run; pass baseline='clean' or 'none'.")
         return self.values - run.to(self.values)
 
     def effects(
@@ -140,7 +146,7 @@ class SweepResult:
 
     def cell_label(self, index: tuple[int, ...]) -> str:
         """A readable label of one cell, e.g. ``"L9H7"`` or ``"L3 @ 5: friend"``."""
-        parts = dict(zip(self.axes, index))
+        parts = dict(zip(self.axes, index, strict=True))
         text = f"L{parts['layer']}" if "layer" in parts else ""
         if "head" in parts:
             text += self.labels["head"][parts["head"]]
@@ -153,7 +159,7 @@ class SweepResult:
         out = []
         for index in itertools.product(*(range(n) for n in self.shape)):
             row: dict[str, Any] = {}
-            for axis, i in zip(self.axes, index):
+            for axis, i in zip(self.axes, index, strict=True):
                 row[axis] = i
                 row[f"{axis}_label"] = self.labels[axis][i]
             row["label"] = self.cell_label(index)
@@ -215,7 +221,7 @@ class SweepResult:
         )
 
     @classmethod
-    def load(cls, path: str | Path) -> "SweepResult":
+    def load(cls, path: str | Path) -> SweepResult:
         """Read a result written by :meth:`save`.
 
         A missing, truncated or foreign file (e.g. one written with ``torch.save(result)``,
@@ -232,7 +238,8 @@ class SweepResult:
                 f"or was not written by SweepResult.save: {type(err).__name__}); {how}."
             ) from err
         keys = ("values", "axes", "labels", "clean", "corrupted", "info")
-        if not isinstance(data, dict) or data.get("kind") != "hookpatch.SweepResult" or any(k not in data for k in keys):
+        if (not isinstance(data, dict) or data.get("kind") != "hookpatch.SweepResult"
+                or any(k not in data for k in keys)):
             raise HookpatchError(f"path={str(path)!r} is not a hookpatch sweep result; {how}.")
         return cls(
             values=data["values"],

@@ -4,6 +4,8 @@ linear; no side effects; bad inputs; and the comparison harness' statistics by h
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -63,13 +65,17 @@ def test_heads_and_mlp_equal_transformerlens_attribution_patch(model, small_prom
     """TL 4.3's node-granularity attribution_patch scores attn heads (hook_z) and mlp_out per
     (layer, pos[, head]) for one prompt pair at a time (denoising; noising = swapped pair)."""
     prompts = small_prompts[id(model)]
-    z = attribution_sweep(model, prompts, LogitDiff(prompts), "z", by=("layer", "pos", "head"), direction=direction, progress=False)
+    z = attribution_sweep(
+        model, prompts, LogitDiff(prompts), "z", by=("layer", "pos", "head"), direction=direction, progress=False
+    )
     mlp = attribution_sweep(model, prompts, LogitDiff(prompts), "mlp_out", direction=direction, progress=False)
     grad_run, source = runs(prompts, direction)
     facts = model_facts(model)
     for i in range(len(prompts)):
         one = LogitDiff(prompts.select([i]))
-        tl = attribution_patch(model, source[i : i + 1], grad_run[i : i + 1], lambda logits: one(logits)[0]).node_scores
+        tl = attribution_patch(
+            model, source[i : i + 1], grad_run[i : i + 1], lambda logits, one=one: one(logits)[0]
+        ).node_scores
         for layer in range(facts.n_layers):
             for pos in range(prompts.n_pos):
                 assert mlp.values[layer, pos, i].item() == pytest.approx(tl[Node("mlp_out", pos, layer)], abs=ATOL)
@@ -100,7 +106,7 @@ def test_all_components_equal_transformerlens_gradient_cache(model, small_prompt
     metric = METRICS[kind](prompts)
     facts = model_facts(model)
     grad_run, source = runs(prompts, direction)
-    names = [c.hook_name(l) for c in COMPONENTS.values() for l in range(facts.n_layers)]
+    names = [c.hook_name(layer) for c in COMPONENTS.values() for layer in range(facts.n_layers)]
     summed = lambda logits: metric(logits).sum()  # noqa: E731 - prompts do not interact
     base = cache_activation_and_gradient(model, grad_run, summed, names_filter=names)
     target = cache_activation_and_gradient(model, source, summed, names_filter=names, compute_gradient=False)
@@ -114,15 +120,18 @@ def test_all_components_equal_transformerlens_gradient_cache(model, small_prompt
             elementwise = grad * (target.activations[name] - base.activations[name])
             per_layer.append(elementwise.sum(-1).transpose(1, 2) if component == "pattern" else elementwise.sum(-1))
         ref = torch.stack(per_layer).movedim(1, -1)  # [layer, pos(, head), batch]
-        by_layer = attribution_sweep(model, prompts, metric, component, by=("layer",), direction=direction, progress=False)
+        sweep = functools.partial(
+            attribution_sweep, model, prompts, metric, component, direction=direction, progress=False
+        )
+        by_layer = sweep(by=("layer",))
         assert torch.allclose(by_layer.values, ref.flatten(1, -2).sum(1), atol=ATOL), component
         if info.head_axis is None:
-            res = attribution_sweep(model, prompts, metric, component, direction=direction, progress=False)
+            res = sweep()
             assert torch.allclose(res.values, ref, atol=ATOL), component
             continue
-        by_pos_head = attribution_sweep(model, prompts, metric, component, by=("layer", "pos", "head"), direction=direction, progress=False)
-        by_head = attribution_sweep(model, prompts, metric, component, by=("layer", "head"), direction=direction, progress=False)
-        by_pos = attribution_sweep(model, prompts, metric, component, by=("layer", "pos"), direction=direction, progress=False)
+        by_pos_head = sweep(by=("layer", "pos", "head"))
+        by_head = sweep(by=("layer", "head"))
+        by_pos = sweep(by=("layer", "pos"))
         assert by_pos_head.values.shape == (facts.n_layers, prompts.n_pos, facts.n_heads_of(component), len(prompts))
         assert torch.allclose(by_pos_head.values, ref, atol=ATOL), component
         assert torch.allclose(by_head.values, ref.sum(1), atol=ATOL), component
@@ -143,7 +152,9 @@ def test_integrated_gradients_steps_one_is_attribution_and_more_steps_converge(m
     one = attribution_sweep(model, prompts, metric, "z", by=("layer", "head"), steps=1, progress=False)
     assert torch.equal(atp.values, one.values) and one.info["method"] == "attribution"
     ig = {
-        n: attribution_sweep(model, prompts, metric, "z", by=("layer", "head"), steps=n, steps_per_pass=32, progress=False)
+        n: attribution_sweep(
+            model, prompts, metric, "z", by=("layer", "head"), steps=n, steps_per_pass=32, progress=False
+        )
         for n in (4, 16, 32)
     }
     assert ig[32].info["method"] == "integrated_gradients" and ig[32].info["steps"] == 32
@@ -310,7 +321,9 @@ def test_comparison_statistics_equal_hand_computation(model, small_prompts):
     again = compare_results(cmp.activation, cmp.attribution, k=4, n_resamples=200, seed=3)
     assert again.summary() == cmp.summary()
     assert average_ranks(torch.tensor([[3.0, 1.0, 3.0, 2.0]])).tolist() == [[3.5, 1.0, 3.5, 2.0]]
-    noising = compare(model, prompts, metric, "z", by=("layer", "head"), direction="noising", k=3, n_resamples=50, progress=False)
+    noising = compare(
+        model, prompts, metric, "z", by=("layer", "head"), direction="noising", k=3, n_resamples=50, progress=False
+    )
     expected = (noising.activation.values - noising.activation.clean).mean(-1).flatten().numpy()
     assert np.allclose(noising.to_dataframe()["activation"].to_numpy(), expected, atol=1e-6)
     assert noising.attribution.info["direction"] == "noising" and noising.k == 3

@@ -189,7 +189,9 @@ def test_integrated_gradients_converge_to_patching_the_site(models, prompt_sets,
         ).values.double()
         for steps in STEPS
     }
-    effect = torch.stack([site_effect(model, prompts, metric, direction, HOOKS[component].format(l)) for l in range(N_LAYERS)])
+    effect = torch.stack(
+        [site_effect(model, prompts, metric, direction, HOOKS[component].format(layer)) for layer in range(N_LAYERS)]
+    )
     scale = effect.abs().max()
     assert scale > 1e-2, f"{component}: too small an effect to test ({scale})"
     err = (richardson(ig) - effect).abs().max()
@@ -207,7 +209,8 @@ def test_compare_at_resid_mid_agrees_with_patching(models, prompt_sets, family):
                        n_resamples=20, progress=False)
         for steps in STEPS
     }
-    effect = torch.stack([site_effect(model, prompts, metric, "denoising", HOOKS["resid_mid"].format(l)) for l in range(N_LAYERS)])
+    hooks = [HOOKS["resid_mid"].format(layer) for layer in range(N_LAYERS)]
+    effect = torch.stack([site_effect(model, prompts, metric, "denoising", hook) for hook in hooks])
     activation = cmps[64].activation_effect.double()
     assert torch.allclose(activation, effect, atol=1e-6 * effect.abs().max())
     extrapolated = richardson({n: c.attribution.values.double() for n, c in cmps.items()})

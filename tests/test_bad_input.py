@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from types import SimpleNamespace
 
@@ -72,14 +73,14 @@ def refused(models, call, match, *tensors, error=HookpatchError):
     copies = [t.clone() for t in tensors]
     with pytest.raises(error, match=match):
         call()
-    for model, old in zip(models, before):
+    for model, old in zip(models, before, strict=True):
         new = _state(model)
         assert new["hooks"] == old["hooks"] == 0, "a hook was left on a hook point"
         assert new["module_hooks"] == old["module_hooks"], "a hook was left on a module"
         assert new["modes"] == old["modes"], "a module's train/eval mode changed"
         assert new["requires_grad"] == old["requires_grad"], "a parameter's requires_grad changed"
         assert all(p.grad is None for p in model.parameters()), "a .grad was left on a parameter"
-    for original, copy in zip(tensors, copies):
+    for original, copy in zip(tensors, copies, strict=True):
         assert torch.equal(original, copy), "an input tensor was modified"
 
 
@@ -321,7 +322,7 @@ def test_load_refuses_truncated_and_pickled_results(ctx, tmp_path):
     other = tmp_path / "other.pt"
     torch.save({"values": torch.zeros(2)}, other)
     for path in (truncated, pickled, other, tmp_path / "missing.pt"):
-        refused(ctx.model, lambda: hp.SweepResult.load(path), rf"path='{path}'.*result\.save\(path\)")
+        refused(ctx.model, functools.partial(hp.SweepResult.load, path), rf"path='{path}'.*result\.save\(path\)")
     assert torch.equal(hp.SweepResult.load(good).values, result.values)
 
 

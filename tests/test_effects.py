@@ -124,7 +124,8 @@ def test_rank_heads_on_ablation_ranks_by_change_from_clean():
     assert "L0H2" not in table["label"].tolist()
     cells = ((1, 2), (0, 0), (1, 0), (0, 1))
     assert negative["effect_mean"].tolist() == pytest.approx([float(change[c].mean()) for c in cells], abs=1e-6)
-    assert negative["value_mean"].tolist() == pytest.approx([float((clean + change)[c].mean()) for c in cells], abs=1e-6)
+    expected = [float((clean + change)[c].mean()) for c in cells]
+    assert negative["value_mean"].tolist() == pytest.approx(expected, abs=1e-6)
     assert (negative["effect_ci_high"] < 0).all()
     eff = result.effects()
     assert negative["p_adjusted"].tolist() == pytest.approx([float(eff.p_adjusted[c]) for c in cells])

@@ -33,7 +33,7 @@ def tokens_for(model, seed=0, shared_prefix=0):
 def hook_names(model, fast):
     points = BLOCK_POINTS + (ROTARY_POINTS if fast.rotary else ())
     points += GATED_POINTS if model.cfg.gated_mlp else ()
-    return [f"blocks.{l}.{p}" for l in range(model.cfg.n_layers) for p in points]
+    return [f"blocks.{layer}.{p}" for layer in range(model.cfg.n_layers) for p in points]
 
 
 def recorder(store):
@@ -284,7 +284,7 @@ def test_rows_with_own_frozen_prefix_match_run_with_hooks(any_model, point, star
     pos_axis, fn = ROW_EDITS[point]
     layer = int(point.split(".")[1])
     first = int(start.min())
-    resid = torch.stack([resid_at(cache, model, int(s))[p] for s, p in zip(start, prompt)])
+    resid = torch.stack([resid_at(cache, model, int(s))[p] for s, p in zip(start, prompt, strict=True)])
     hooks = {point: rows_from(layer, pos_axis, fn, ACTIVE, start)} if layer >= first else {}
     fast = FastForward(model)
     end = torch.full((rows,), SEQ - 1)

@@ -1,4 +1,4 @@
-"""The user's published GPT-2 small numbers, reproduced with hookpatch.
+"""Published GPT-2 small numbers of the pronoun and IOI case studies, reproduced with hookpatch.
 
 Sources (``/work/shared/seeds``): the TransformerLens pronoun notebook (003: ``test_prompt``,
 per-prompt and mean logit difference over its 20 prompts, the head DLA, the Mary/John patching
@@ -17,7 +17,16 @@ from pathlib import Path
 
 import pytest
 
-from hookpatch import LogitDiff, dla_by_head, evaluate, load_model, make_prompt_set, predictions, pronoun_prompts, rank_heads
+from hookpatch import (
+    LogitDiff,
+    dla_by_head,
+    evaluate,
+    load_model,
+    make_prompt_set,
+    predictions,
+    pronoun_prompts,
+    rank_heads,
+)
 from hookpatch.readouts import unembed_bias
 from hookpatch.tasks.ioi import ioi_tl_demo
 

@@ -44,5 +44,6 @@ def test_padded_prompts_without_names_say_what_to_pass(gpt2_model, padded):
                                 list(padded.answers[:4]), pad=True)
     assert custom.padded and list(custom.positions) == ["END"]
     shortest = int(custom.lengths.min())
-    with pytest.raises(hp.HookpatchError, match=rf"positions= is needed.*positions=\[0, \.\.\., {shortest - 1}, 'END'\]"):
+    needed = rf"positions= is needed.*positions=\[0, \.\.\., {shortest - 1}, 'END'\]"
+    with pytest.raises(hp.HookpatchError, match=needed):
         hp.patch_sweep(gpt2_model, custom, hp.LogitDiff(custom), "resid_pre", progress=False)

@@ -81,7 +81,8 @@ def test_normalized_maps_clean_to_one_and_corrupted_to_zero(model):
 
 def test_normalized_refuses_equal_baselines(gpt2_model):
     prompts = pronoun_prompts(gpt2_model)
-    with pytest.raises(HookpatchError, match=r"clean baseline \(2\) and the corrupted baseline \(2\) are equal.*Choose a corruption"):
+    equal = r"clean baseline \(2\) and the corrupted baseline \(2\) are equal.*Choose a corruption"
+    with pytest.raises(HookpatchError, match=equal):
         Normalized(LogitDiff(prompts), 2.0, 2.0)
 
 
@@ -121,7 +122,8 @@ def test_nonlinear_metric_has_no_direction(gpt2_model):
 
 def test_metric_rejects_logits_of_another_batch(gpt2_model):
     prompts = pronoun_prompts(gpt2_model)
-    with pytest.raises(HookpatchError, match=r"expects logits shaped \[\.\.\., batch=20, pos, d_vocab\]; got \(3, 10, "):
+    shaped = r"expects logits shaped \[\.\.\., batch=20, pos, d_vocab\]; got \(3, 10, "
+    with pytest.raises(HookpatchError, match=shaped):
         LogitDiff(prompts)(torch.zeros(3, 10, gpt2_model.cfg.d_vocab))
 
 

@@ -20,15 +20,15 @@ def test_bridge_is_in_compatibility_mode_and_eval(model):
 
 
 def test_facts_of_each_family(gpt2_model, llama_model):
-    g, l = model_facts(gpt2_model), model_facts(llama_model)
-    assert (g.n_layers, g.n_heads, g.n_kv_heads, g.d_head, g.d_model) == (2, 4, 4, 16, 64)
-    assert (l.n_layers, l.n_heads, l.n_kv_heads, l.d_head, l.d_model) == (2, 4, 2, 16, 64)
-    assert not g.grouped_query and l.grouped_query
-    assert l.query_heads_of_kv_head(1) == [2, 3]
-    assert [l.kv_head_of_query_head(h) for h in range(4)] == [0, 0, 1, 1]
-    assert l.n_heads_of("k") == 2 and l.n_heads_of("z") == 4 and g.n_heads_of("v") == 4
-    assert g.normalization == "LN" and l.normalization == "RMS"
-    assert l.positional_embedding == "rotary"
+    gpt2, llama = model_facts(gpt2_model), model_facts(llama_model)
+    assert (gpt2.n_layers, gpt2.n_heads, gpt2.n_kv_heads, gpt2.d_head, gpt2.d_model) == (2, 4, 4, 16, 64)
+    assert (llama.n_layers, llama.n_heads, llama.n_kv_heads, llama.d_head, llama.d_model) == (2, 4, 2, 16, 64)
+    assert not gpt2.grouped_query and llama.grouped_query
+    assert llama.query_heads_of_kv_head(1) == [2, 3]
+    assert [llama.kv_head_of_query_head(h) for h in range(4)] == [0, 0, 1, 1]
+    assert llama.n_heads_of("k") == 2 and llama.n_heads_of("z") == 4 and gpt2.n_heads_of("v") == 4
+    assert gpt2.normalization == "LN" and llama.normalization == "RMS"
+    assert llama.positional_embedding == "rotary"
 
 
 def test_facts_table_hook_names_and_shapes_match_a_real_cache(model):
@@ -41,7 +41,7 @@ def test_facts_table_hook_names_and_shapes_match_a_real_cache(model):
         for layer in range(facts.n_layers):
             name = COMPONENTS[row["component"]].hook_name(layer)
             assert name in cache.keys(), name
-            expected = tuple(sizes.get(a, s) for a, s in zip(row["axes"], row["shape"]))
+            expected = tuple(sizes.get(a, s) for a, s in zip(row["axes"], row["shape"], strict=True))
             assert tuple(cache[name].shape) == expected, (name, cache[name].shape, expected)
 
 
@@ -94,7 +94,8 @@ def test_train_mode_is_refused(gpt2_model):
 
 def test_tokenization_checks(gpt2_model):
     assert to_single_token(gpt2_model, " she") == gpt2_model.to_single_token(" she")
-    with pytest.raises(HookpatchError, match=r"answer ' Mary John' is not a single token: it tokenizes to 2 tokens \[' Mary', ' John'\]"):
+    two = r"answer ' Mary John' is not a single token: it tokenizes to 2 tokens \[' Mary', ' John'\]"
+    with pytest.raises(HookpatchError, match=two):
         to_single_token(gpt2_model, " Mary John")
     with pytest.raises(HookpatchError, match=r"outside the model's vocabulary: \[' shopz'\]"):
         encode(gpt2_model, "When John went to the shopz")

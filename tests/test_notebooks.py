@@ -5,7 +5,7 @@ kernel (this interpreter's ipykernel) with ``HOOKPATCH_MODEL=organism``, so its 
 loads the shipped model instead of GPT-2 small. A failing assert cell fails the test. The
 notebook's last cell (tagged ``results``) prints its key numbers as JSON; they are checked
 here against a direct computation on the organism (plain forward passes and
-``run_with_hooks`` patches, or hookpatch calls where the brief is "the same number"), and so
+``run_with_hooks`` patches, or hookpatch calls where the notebook's prose promises "the same number"), and so
 are the invariants a reader may rely on (DLA parts add up, the lens ends at the model's output):
 the user-facing cells hold no checks. An executed notebook exported to HTML keeps every figure.
 """
@@ -109,7 +109,7 @@ def test_user_cells_hold_no_checks(name):
 # ------------------------------------------------------------------------------------------
 # Execution on the organism
 # ------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _run(name: str) -> Any:
     """Run the notebook in a fresh python3 kernel on the organism; return it with its outputs."""
     import nbformat
@@ -153,7 +153,7 @@ def _replace_head(z, hook, head, source):
     return z
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _head_patching(n: int, seed: int) -> tuple[list[str], list[float], float, float]:
     """Each head's ``z`` (all positions) patched clean → corrupted, by hand: mean logit diff per head."""
     model = load_model("organism", device="cpu")
@@ -195,7 +195,7 @@ def test_pronoun_notebook(organism):
     assert _close([results["pair_clean_logit_diff"]], _logit_diffs(organism, pair, pair.clean_tokens))
     assert _close([results["pair_corrupted_logit_diff"]], _logit_diffs(organism, pair, pair.corrupted_tokens))
 
-    # top heads by DLA: hookpatch, and TransformerLens' own recipe from the user's notebook
+    # top heads by DLA: hookpatch, and TransformerLens' own recipe from its pronoun notebook
     ranked = rank_heads(dla_by_head(organism, prompts, LogitDiff(prompts)), k=3)
     assert results["top_dla_heads"] == ranked[ranked["sign"] == "positive"]["label"].tolist()
     with torch.no_grad():

@@ -15,7 +15,8 @@ from hookpatch.model.loading import load_model, organism_path
 from hookpatch.model.tiny import task_texts
 from hookpatch.model.tokens import encode, to_single_token
 from hookpatch.organism import CHECKPOINT_DIR, REQUIRED_FILES, corpus, verify_checkpoint
-from hookpatch.organism.train import TrainConfig, main as train_main, train
+from hookpatch.organism.train import TrainConfig, train
+from hookpatch.organism.train import main as train_main
 from hookpatch.tasks import vocab
 
 
@@ -129,7 +130,7 @@ def test_heldout_pronoun_accuracy(model):
     she, he = to_single_token(model, " she"), to_single_token(model, " he")
     user = _final_logits(model, [t.format(name=n) for t in vocab.PRONOUN_TEMPLATES for n, _ in vocab.PRONOUN_NAMES])
     answers = [a for _ in vocab.PRONOUN_TEMPLATES for _, a in vocab.PRONOUN_NAMES]
-    for row, answer in zip(user, answers):  # the user's notebook prompts
+    for row, answer in zip(user, answers, strict=True):  # pronoun_prompts' 20 prompts
         assert (row[she] > row[he]) == (answer == " she")
 
 
@@ -156,8 +157,8 @@ def test_tokenizer_round_trips_every_template_word(model):
     for name in corpus.ALL_NAMES:  # sentence-initial without a space, else with one
         assert model.to_str_tokens(f"{name} met {name}")[1:] == [name, " met", " " + name]
     for template in vocab.IOI_TEMPLATES:  # every default prompt of the library tokenizes
-        for a, b in zip(vocab.FEMALE_NAMES, vocab.MALE_NAMES):
-            for place, obj in zip(vocab.IOI_PLACES, vocab.IOI_OBJECTS):
+        for a, b in zip(vocab.FEMALE_NAMES, vocab.MALE_NAMES, strict=True):
+            for place, obj in zip(vocab.IOI_PLACES, vocab.IOI_OBJECTS, strict=True):
                 encode(model, template.format(A=a, B=b, S=a, place=place, object=obj))
     every = corpus.training_stream(1)
     seen = {p for _ in range(20000) for p in tok.tokenize(next(every))}
@@ -255,7 +256,8 @@ def ioi_dla(model, heldout_ioi):
             result = cache.stack_head_results(layer=-1, pos_slice=-1, apply_ln=True)
             heads += (result * direction).sum(-1).sum(-1).reshape(model.cfg.n_layers, model.cfg.n_heads)
             for layer in range(model.cfg.n_layers):
-                mlp = cache.apply_ln_to_stack(cache[f"blocks.{layer}.hook_mlp_out"][None, :, -1], layer=-1, pos_slice=-1)
+                out = cache[f"blocks.{layer}.hook_mlp_out"][None, :, -1]  # [1, batch, d_model] at END
+                mlp = cache.apply_ln_to_stack(out, layer=-1, pos_slice=-1)
                 mlps[layer] += (mlp[0] * direction).sum().item()
             rows = torch.arange(len(batch))
             total += (logits[rows, -1, io] - logits[rows, -1, s]).sum().item()
@@ -264,7 +266,7 @@ def ioi_dla(model, heldout_ioi):
 
 
 def _ranked(heads):
-    pairs = [((l, h), heads[l, h].item()) for l in range(heads.shape[0]) for h in range(heads.shape[1])]
+    pairs = [((layer, h), heads[layer, h].item()) for layer in range(heads.shape[0]) for h in range(heads.shape[1])]
     return sorted(pairs, key=lambda kv: -kv[1])
 
 
@@ -284,7 +286,7 @@ def test_s_suppression_head_attends_to_s2_and_copies_negatively(model, heldout_i
 
     layer, head = S_SUPPRESSION_HEAD
     to_s2 = [head_attention(model, [p for p in heldout_ioi if p.template == t], [S_SUPPRESSION_HEAD])
-             ["L{}H{}".format(layer, head)] for t in corpus.HELDOUT_IOI_TEMPLATES]
+             [f"L{layer}H{head}"] for t in corpus.HELDOUT_IOI_TEMPLATES]
     assert all(a["END->S2"] > max(a["END->IO"], a["END->S1"]) + 0.3 for a in to_s2)
     assert sum(a["END->S2"] for a in to_s2) / len(to_s2) >= 0.6
     # OV circuit on names: the name attended to is the name whose logit drops the most

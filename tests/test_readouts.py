@@ -33,7 +33,7 @@ def test_logit_lens_at_the_final_layer_equals_the_metric(model, convention):
 
 
 def test_logit_lens_matches_the_notebook_route_and_recomputed_ln(model):
-    """final_scale = cache.apply_ln_to_stack(layer=-1) (the user's notebook); renormalized
+    """final_scale = cache.apply_ln_to_stack(layer=-1) (TransformerLens' pronoun notebook); renormalized
     = apply_ln_to_stack(recompute_ln=True), each point with its own scale."""
     prompts = pronoun_prompts(model)
     metric = LogitDiff(prompts)

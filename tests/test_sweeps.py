@@ -24,7 +24,7 @@ RUNNERS = [False, None]  # the bridge's hooks, and the default (fast path where 
 
 
 def hand_patch(act, hook, pos, head, src):
-    """The notebook's hook: overwrite one slice of the activation with the source's.
+    """A hand-written patching hook, as in TransformerLens' notebooks: overwrite one slice with the source's.
 
     In place at hook_resid_mid, as TransformerLens' own setters do: there the bridge passes a
     returned tensor on to the MLP only, not to the residual sum."""
@@ -42,14 +42,16 @@ def hand_patch(act, hook, pos, head, src):
 
 
 def loop_reference(model, prompts, metric, component, cells, direction="denoising"):
-    """One forward per cell, the way the user's notebooks do it."""
+    """One forward per cell, the way a hand-written notebook loop does it."""
     _, clean = model.run_with_cache(prompts.clean_tokens)
     _, corrupted = model.run_with_cache(prompts.corrupted_tokens)
-    tokens, source = (prompts.corrupted_tokens, clean) if direction == "denoising" else (prompts.clean_tokens, corrupted)
+    tokens, source = (
+        (prompts.corrupted_tokens, clean) if direction == "denoising" else (prompts.clean_tokens, corrupted)
+    )
     out = []
     for layer, pos, head in cells:
         name = COMPONENTS[component].hook_name(layer)
-        fn = lambda a, hook, p=pos, h=head: hand_patch(a, hook, p, h, source[name])  # noqa: E731
+        fn = lambda a, hook, p=pos, h=head, src=source[name]: hand_patch(a, hook, p, h, src)  # noqa: E731
         with torch.no_grad():
             out.append(metric(model.run_with_hooks(tokens, fwd_hooks=[(name, fn)])))
     return torch.stack(out)
@@ -90,7 +92,7 @@ def test_resid_by_pos_equals_loop_and_transformerlens(model, small_prompts, dire
     metric = LogitDiff(prompts)
     facts = model_facts(model)
     tl = tl_reference(patching.get_act_patch_resid_pre, model, prompts, metric, direction)
-    cells = [(l, p, None) for l in range(facts.n_layers) for p in range(prompts.n_pos)]
+    cells = [(layer, p, None) for layer in range(facts.n_layers) for p in range(prompts.n_pos)]
     loop = loop_reference(model, prompts, metric, "resid_pre", cells, direction)
     for result in both_runners(model, prompts, metric, "resid_pre", direction=direction):
         assert result.values.shape == (facts.n_layers, prompts.n_pos, len(prompts))
@@ -137,7 +139,7 @@ def test_heads_all_positions_equal_transformerlens_and_loop(model, small_prompts
     facts = model_facts(model)
     n_heads = facts.n_heads_of(component)
     tl = tl_reference(TL_HEADS_ALL_POS[component], model, prompts, metric, direction)
-    cells = [(l, None, h) for l in range(facts.n_layers) for h in range(n_heads)]
+    cells = [(layer, None, h) for layer in range(facts.n_layers) for h in range(n_heads)]
     loop = loop_reference(model, prompts, metric, component, cells, direction)
     for result in both_runners(model, prompts, metric, component, by=("layer", "head"), direction=direction):
         assert result.values.shape == (facts.n_layers, n_heads, len(prompts))
@@ -177,7 +179,7 @@ def test_every_component_and_metric_kind_equals_the_loop(model, small_prompts, c
     by = ("layer", "pos") if COMPONENTS[component].head_axis is None else ("layer", "pos", "head")
     positions = [0, 2, 5]
     heads = [1] if len(by) == 3 else None
-    cells = [(l, p, h) for l in range(facts.n_layers) for p in positions for h in (heads or [None])]
+    cells = [(layer, p, h) for layer in range(facts.n_layers) for p in positions for h in (heads or [None])]
     loop = loop_reference(model, prompts, metric, component, cells, "noising")
     for result in both_runners(model, prompts, metric, component, by=by, positions=positions,
                                heads=heads, direction="noising"):
@@ -197,7 +199,9 @@ def test_named_positions_on_padded_prompts_equal_the_loop(gpt2_model):
             for j, name in enumerate(names):
                 for head in range(facts.n_heads) if component == "z" else [None]:
                     cache = clean[COMPONENTS[component].hook_name(layer)]
-                    hook_name, hook = patch_hook(gpt2_model, component, layer, cache, positions=name, prompts=prompts, heads=head)
+                    hook_name, hook = patch_hook(
+                        gpt2_model, component, layer, cache, positions=name, prompts=prompts, heads=head
+                    )
                     with torch.no_grad():
                         ref = metric(gpt2_model.run_with_hooks(prompts.corrupted_tokens, fwd_hooks=[(hook_name, hook)]))
                     got = result.values[layer, j] if head is None else result.values[layer, j, head]
@@ -223,18 +227,20 @@ def test_ablation_sweep_equals_factory_hooks_in_a_loop(model, small_prompts, how
     facts = model_facts(model)
     for layer in range(facts.n_layers):
         for head in range(facts.n_heads):
-            name, hook = ablate_hook(model, "z", layer, cache[f"blocks.{layer}.attn.hook_z"], how=how, heads=head, seed=1)
+            z = cache[f"blocks.{layer}.attn.hook_z"]
+            name, hook = ablate_hook(model, "z", layer, z, how=how, heads=head, seed=1)
             with torch.no_grad():
                 ref = metric(model.run_with_hooks(prompts.clean_tokens, fwd_hooks=[(name, hook)]))
             for result in results:
                 assert torch.allclose(result.values[layer, head], ref, atol=ATOL)
-    if how == "zero":  # zero-ablating a head by hand, as the user's notebook does
+    if how == "zero":  # zero-ablating a head by hand, as TransformerLens' pronoun notebook does
         def zero_head(v, hook, h):
             v = v.clone()
             v[:, :, h] = 0.0
             return v
         with torch.no_grad():
-            ref = metric(model.run_with_hooks(prompts.clean_tokens, fwd_hooks=[("blocks.1.attn.hook_z", lambda v, hook: zero_head(v, hook, 2))]))
+            hooks = [("blocks.1.attn.hook_z", lambda v, hook: zero_head(v, hook, 2))]
+            ref = metric(model.run_with_hooks(prompts.clean_tokens, fwd_hooks=hooks))
         assert all(torch.allclose(r.values[1, 2], ref, atol=ATOL) for r in results)
 
 
@@ -255,7 +261,9 @@ def test_named_positions_and_padded_prompts(gpt2_model):
     assert result.labels["pos"] == ("IO", "S1", "S2", "END")
     _, clean = gpt2_model.run_with_cache(prompts.clean_tokens)
     for j, name in enumerate(["IO", "S1", "S2", "END"]):
-        hook_name, hook = patch_hook(gpt2_model, "resid_pre", 1, clean["blocks.1.hook_resid_pre"], positions=name, prompts=prompts)
+        hook_name, hook = patch_hook(
+            gpt2_model, "resid_pre", 1, clean["blocks.1.hook_resid_pre"], positions=name, prompts=prompts
+        )
         with torch.no_grad():
             ref = metric(gpt2_model.run_with_hooks(prompts.corrupted_tokens, fwd_hooks=[(hook_name, hook)]))
         assert torch.allclose(result.values[1, j], ref, atol=ATOL)
@@ -270,8 +278,10 @@ def test_result_labels_dataframe_and_save_load(gpt2_model, tmp_path):
     assert len(df) == 8 and list(df["label"][:2]) == ["L0H0", "L0H1"]
     assert df["value_mean"].tolist() == pytest.approx(result.mean().flatten().tolist())
     effect = (result.values - result.corrupted).mean(-1).flatten()  # denoising: against the corrupted run
-    assert df["effect_mean"].tolist() == pytest.approx(effect.tolist(), abs=1e-6) and set(df["baseline"]) == {"corrupted"}
-    assert (df["effect_ci_low"] <= df["effect_mean"] + 1e-6).all() and (df["effect_mean"] <= df["effect_ci_high"] + 1e-6).all()
+    assert df["effect_mean"].tolist() == pytest.approx(effect.tolist(), abs=1e-6)
+    assert set(df["baseline"]) == {"corrupted"}
+    assert (df["effect_ci_low"] <= df["effect_mean"] + 1e-6).all()
+    assert (df["effect_mean"] <= df["effect_ci_high"] + 1e-6).all()
     path = tmp_path / "r.pt"
     result.save(path)
     back = SweepResult.load(path)
@@ -323,7 +333,8 @@ def test_no_side_effects_even_after_a_failing_sweep(model, small_prompts):
         with pytest.raises(RuntimeError, match="midway"):
             patch_sweep(model, prompts, explodes, "resid_pre", memory_budget=1, fast=fast, progress=False)
         assert _hook_count(model) == hooks_before
-    assert torch.equal(prompts.corrupted_tokens, before_tokens[0]) and torch.equal(prompts.clean_tokens, before_tokens[1])
+    assert torch.equal(prompts.corrupted_tokens, before_tokens[0])
+    assert torch.equal(prompts.clean_tokens, before_tokens[1])
 
 
 def test_bad_inputs(model, small_prompts):

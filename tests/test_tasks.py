@@ -108,7 +108,9 @@ def test_tl_demo_set(gpt2_model):
 
 
 def test_bad_prompt_sets(gpt2_model):
-    with pytest.raises(HookpatchError, match=r"prompt 0: clean 'John went to the store' is 6 tokens but corrupted 'John and Mary went to the store' is 8 tokens"):
+    lengths = (r"prompt 0: clean 'John went to the store' is 6 tokens "
+               r"but corrupted 'John and Mary went to the store' is 8 tokens")
+    with pytest.raises(HookpatchError, match=lengths):
         make_prompt_set(gpt2_model, ["John went to the store"], ["John and Mary went to the store"], [(" she", " he")])
     with pytest.raises(HookpatchError, match=r"answer ' Mary John' is not a single token: it tokenizes to 2 tokens"):
         make_prompt_set(gpt2_model, ["John went to the store"], ["Mary went to the store"], [(" Mary John", " he")])

@@ -92,7 +92,9 @@ def test_patching_heatmap_layer_pos_head_has_one_facet_per_head(gpt2_model, prom
         assert trace["coloraxis"] == "coloraxis"
     assert fig["layout"]["coloraxis"]["cmid"] == 0
     assert fig["layout"]["coloraxis"]["colorscale"][0][1] == "rgb(103,0,31)"
-    titles = {k: v["title"]["text"] for k, v in fig["layout"].items() if k.startswith(("xaxis", "yaxis")) and "title" in v}
+    titles = {
+        k: v["title"]["text"] for k, v in fig["layout"].items() if k.startswith(("xaxis", "yaxis")) and "title" in v
+    }
     assert set(titles.values()) == {"Position", "Layer"}
 
 
@@ -113,10 +115,10 @@ def test_ablation_heatmap_midpoint_is_the_clean_mean(gpt2_model, prompts, metric
     # ranked bars of the ablation: the change from the clean run, paired error bars
     table = rank_heads(result, k=2)
     bars = ranked_heads_bar(table).to_dict()
-    by_label = dict(zip(table["label"], table["effect_mean"]))
+    by_label = dict(zip(table["label"], table["effect_mean"], strict=True))
     change = (result.values - result.clean).mean(-1)
     for bar in bars["data"]:
-        for label, y in zip(bar["x"], bar["y"]):
+        for label, y in zip(bar["x"], bar["y"], strict=True):
             layer, head = int(label[1]), int(label[3])
             assert y == pytest.approx(float(change[layer, head]), abs=1e-6) == by_label[label]
     assert bars["layout"]["yaxis"]["title"]["text"] == "effect (intervened − clean run)"
@@ -130,7 +132,7 @@ def test_logit_lens_line_one_trace_per_result(gpt2_model, prompts, metric):
     fig = logit_lens_line(lenses).to_dict()
     lines = [t for t in fig["data"] if t["mode"] == "lines+markers"]
     assert [t["name"] for t in lines] == ["final_scale", "renormalized"]
-    for line, lens in zip(lines, lenses):
+    for line, lens in zip(lines, lenses, strict=True):
         assert list(line["x"]) == list(lens.labels["point"]) == ["0_pre", "0_mid", "1_pre", "1_mid", "final_post"]
         assert torch.allclose(torch.tensor(line["y"]), lens.mean())
         assert "%{x}" in line["hovertemplate"] and "%{y" in line["hovertemplate"]

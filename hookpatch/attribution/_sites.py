@@ -28,8 +28,9 @@ steps_per_pass)`` forward + backward passes over ``steps_per_pass × batch`` row
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -351,7 +352,7 @@ def _check_fired(names: Sequence[str], seen: Mapping[str, Tensor]) -> None:
 
 def _named_grads(names: Sequence[str], grads: Sequence[Tensor | None]) -> dict[str, Tensor]:
     out = {}
-    for name, grad in zip(names, grads):
+    for name, grad in zip(names, grads, strict=True):
         if grad is None:
             raise HookpatchError(
                 f"no gradient reaches {name!r} from the metric: the metric does not depend "

@@ -40,7 +40,8 @@ heads each KV head feeds.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -106,10 +107,10 @@ def attribution_sweep(
     columns = grid.columns(prompts) if "pos" in grid.by else None
     hook = component_info(component).hook_name
     sites = site_attributions(
-        model, prompts, metric, [hook(l) for l in grid.layers], direction=direction,
+        model, prompts, metric, [hook(layer) for layer in grid.layers], direction=direction,
         steps=steps, steps_per_pass=steps_per_pass, progress=progress,
     )
-    values = torch.stack([_reduce(grid, columns, sites.attributions[hook(l)].cpu()) for l in grid.layers])
+    values = torch.stack([_reduce(grid, columns, sites.attributions[hook(layer)].cpu()) for layer in grid.layers])
     base, target = sites.base, sites.target
     clean, corrupted = (target, base) if direction == "denoising" else (base, target)
     info: dict[str, Any] = {

@@ -22,8 +22,9 @@ Cost: the two sweeps, plus ``n_resamples × cells × batch`` numbers for the boo
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -33,9 +34,9 @@ from hookpatch._summary import axes_line, what_was_done
 from hookpatch.attribution._sites import MetricLike, check_options
 from hookpatch.attribution.atp import attribution_sweep
 from hookpatch.checks import IntLike, IntsLike, as_int
-from hookpatch.stats import check_bootstrap
 from hookpatch.errors import HookpatchError
 from hookpatch.results import SweepResult
+from hookpatch.stats import check_bootstrap
 from hookpatch.sweeps.grid import Grid
 from hookpatch.tasks.promptset import PromptSet
 
@@ -175,7 +176,9 @@ def compare(
     steps, steps_per_pass = check_options(direction, steps, steps_per_pass)
     grid = dict(by=by, direction=direction, layers=layers, positions=positions, heads=heads, progress=progress)
     # attribution first: it refuses a metric without gradients after a few passes, not a whole sweep
-    attribution = attribution_sweep(model, prompts, metric, component, steps=steps, steps_per_pass=steps_per_pass, **grid)
+    attribution = attribution_sweep(
+        model, prompts, metric, component, steps=steps, steps_per_pass=steps_per_pass, **grid
+    )
     activation = patch_sweep(model, prompts, metric, component, fast=fast, **grid)
     return compare_results(
         activation, attribution, k=k, sign_tol=sign_tol, level=level, n_resamples=n_resamples, seed=seed
@@ -302,7 +305,9 @@ def top_k_overlap(a: Float[Tensor, "row cell"], b: Float[Tensor, "row cell"], k:
     return (mask_a & mask_b).sum(-1).double() / k
 
 
-def sign_agreement(a: Float[Tensor, "row cell"], b: Float[Tensor, "row cell"], tol: float = 0.0) -> Float[Tensor, " row"]:
+def sign_agreement(
+    a: Float[Tensor, "row cell"], b: Float[Tensor, "row cell"], tol: float = 0.0
+) -> Float[Tensor, " row"]:
     """Fraction of cells with the same sign; ``|x| <= tol`` counts as sign 0."""
 
     def sign(x: Tensor) -> Tensor:

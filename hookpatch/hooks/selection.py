@@ -15,7 +15,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from hookpatch.checks import IntsLike, as_ints
+from hookpatch.checks import IntsLike, as_int_list, as_ints
 from hookpatch.errors import HookpatchError
 from hookpatch.model.facts import ModelFacts, component_info
 from hookpatch.tasks.promptset import PromptSet
@@ -86,7 +86,7 @@ def head_mask(heads: Heads, n_heads: int, component: str) -> Bool[Tensor, " head
     if heads is None:
         mask[:] = True
         return mask
-    for h in as_ints(heads, "heads"):
+    for h in as_int_list(heads, "heads"):
         if not 0 <= h < n_heads:
             kind = "KV heads" if component_info(component).head_axis == "kv_head" else "heads"
             raise HookpatchError(

@@ -10,8 +10,9 @@ lens use the very same object.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int

@@ -27,7 +27,7 @@ class KLToClean(Metric):
 
     @classmethod
     @torch.no_grad()
-    def from_model(cls, model: Any, prompts: PromptSet) -> "KLToClean":
+    def from_model(cls, model: Any, prompts: PromptSet) -> KLToClean:
         from hookpatch.model.loading import require_eval
 
         require_eval(model)

@@ -55,7 +55,7 @@ class Normalized(Metric):
             )
 
     @classmethod
-    def from_model(cls, model: Any, base: Metric, **kwargs: Any) -> "Normalized":
+    def from_model(cls, model: Any, base: Metric, **kwargs: Any) -> Normalized:
         """Measure the clean and corrupted baselines (mean over prompts) on ``model``."""
         if not isinstance(base, Metric):
             raise HookpatchError(

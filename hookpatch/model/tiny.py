@@ -11,10 +11,12 @@ through AutoTokenizer, which swaps in Qwen2's own tokenizer class for that model
 
 from __future__ import annotations
 
+import functools
 import itertools
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -114,13 +116,17 @@ def write_tiny_checkpoint(
     if tokenizer not in ("word", "bpe"):
         raise HookpatchError(f"unknown tokenizer kind {tokenizer!r}; expected 'word' or 'bpe'.")
     tok = word_level_tokenizer() if tokenizer == "word" else byte_bpe_tokenizer()
-    common = dict(vocab_size=max(len(tok), vocab_size or 0), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    common = dict(
+        vocab_size=max(len(tok), vocab_size or 0), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id
+    )
+    config: transformers.PretrainedConfig
+    build: Callable[[], transformers.PreTrainedModel]  # the family's model class on its config
     if family == "gpt2":
         config = transformers.GPT2Config(
             n_positions=n_ctx, n_embd=d_model, n_layer=n_layers, n_head=n_heads,
             n_inner=d_mlp, **common,
         )
-        model_cls = transformers.GPT2LMHeadModel
+        build = functools.partial(transformers.GPT2LMHeadModel, config)
     elif family == "llama":
         if n_heads % n_kv_heads:
             raise HookpatchError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}.")
@@ -129,11 +135,11 @@ def write_tiny_checkpoint(
             num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
             max_position_embeddings=n_ctx, tie_word_embeddings=False, **common,
         )
-        model_cls = transformers.LlamaForCausalLM
+        build = functools.partial(transformers.LlamaForCausalLM, config)
     else:
         raise HookpatchError(f"unknown family {family!r}; expected 'gpt2' or 'llama'.")
     torch.manual_seed(seed)
-    model = model_cls(config)
+    model = build()
     if init_std is not None:
         with torch.no_grad():
             for p in model.parameters():

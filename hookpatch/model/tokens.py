@@ -37,7 +37,7 @@ def encode(model: Any, text: str, *, prepend_bos: bool | None = None) -> list[in
     if unk is not None and unk in ids:
         words = [
             piece
-            for piece, i in zip(model.tokenizer.convert_ids_to_tokens(ids), ids)
+            for piece, i in zip(model.tokenizer.convert_ids_to_tokens(ids), ids, strict=True)
             if i == unk
         ]
         unknown = _unknown_words(model, text)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import sys
 from collections import defaultdict
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -95,12 +96,12 @@ def ioi_dla(model: Any, prompts: Sequence[corpus.IOIPrompt]) -> dict[str, Any]:
         ]  # [d_model, batch]
         heads, labels = cache.stack_head_results(layer=-1, pos_slice=-1, apply_ln=True, return_labels=True)
         per_head = (heads * direction.T[None]).sum(-1)  # [n_heads_total, batch]
-        for label, v in zip(labels, per_head.sum(-1).tolist()):
+        for label, v in zip(labels, per_head.sum(-1).tolist(), strict=True):
             sums["head:" + label] += v
         comps, clabels = cache.decompose_resid(layer=-1, mode="all", apply_ln=True, pos_slice=-1,
                                                return_labels=True)
         per_comp = (comps * direction.T[None]).sum(-1)
-        for label, v in zip(clabels, per_comp.sum(-1).tolist()):
+        for label, v in zip(clabels, per_comp.sum(-1).tolist(), strict=True):
             sums["comp:" + label] += v
         rows = torch.arange(len(batch))
         io = torch.tensor([single_id(model, p.io) for p in batch])
@@ -179,7 +180,7 @@ def head_attention(model: Any, prompts: Sequence[corpus.IOIPrompt], heads: Seque
     out = {}
     for layer, head in heads:
         pat = cache[f"blocks.{layer}.attn.hook_pattern"][:, head]  # [batch, q, k]
-        rec = defaultdict(float)
+        rec: defaultdict[str, float] = defaultdict(float)
         for i in range(len(prompts)):
             s_where = (toks[i] == s_ids[i]).nonzero().flatten().tolist()
             io_where = (toks[i] == io_ids[i]).nonzero().flatten().tolist()[0]
@@ -203,7 +204,7 @@ def report(model: Any) -> dict[str, Any]:
     ioi_train = [corpus.random_ioi(rng, corpus.TRAIN_IOI_TEMPLATES, corpus.TRAIN_NAMES) for _ in range(200)]
     dla = ioi_dla(model, ioi)
     ranked = sorted(dla["heads"].items(), key=lambda kv: -abs(kv[1]))
-    top = [tuple(int(x) for x in k[1:].split("H")) for k, _ in ranked[:4]]
+    top = [(int(layer), int(head)) for layer, head in (k[1:].split("H") for k, _ in ranked[:4])]  # "L1H2" -> (1, 2)
     return {
         "ioi_heldout_names_heldout_frames": ioi_scores(model, ioi),
         "ioi_heldout_names_train_frames": ioi_scores(model, ioi_train_frames),

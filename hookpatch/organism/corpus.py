@@ -20,19 +20,20 @@ tied to absolute positions.
 Held out from the *task* sentences (IOI and pronoun frames), never from the vocabulary:
 :data:`HELDOUT_NAMES` (16 names), :data:`HELDOUT_IOI_TEMPLATES` (4 of the 16 frames of
 ``vocab.IOI_TEMPLATES``) and :data:`HELDOUT_PRONOUN_FRAMES` (adjective/noun pairs, two of
-them the user's frames). :func:`heldout_ioi_prompts` and :func:`heldout_pronoun_prompts`
+them frames of ``vocab.PRONOUN_TEMPLATES``). :func:`heldout_ioi_prompts` and :func:`heldout_pronoun_prompts`
 build the evaluation sets used by the tests and the model card.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from hookpatch.tasks import vocab
 
-APOS = "’"  # the curly apostrophe of the user's pronoun frames ("isn’t")
+APOS = "’"  # the curly apostrophe of vocab.PRONOUN_TEMPLATES ("isn’t")
 
 # ---------------------------------------------------------------------------------------------
 # Names and the split
@@ -85,8 +86,8 @@ PRONOUN_NOUNS: tuple[str, ...] = (
     "friend", "person", "colleague", "partner", "student", "teacher", "neighbour", "doctor",
 )
 HELDOUT_PRONOUN_FRAMES: tuple[tuple[str, str], ...] = (
-    ("wonderful", "partner"),   # one of the user's five frames
-    ("excellent", "student"),   # one of the user's five frames
+    ("wonderful", "partner"),   # one of the five frames of vocab.PRONOUN_TEMPLATES
+    ("excellent", "student"),   # one of the five frames of vocab.PRONOUN_TEMPLATES
     ("good", "teacher"),
     ("kind", "doctor"),
     ("lovely", "neighbour"),

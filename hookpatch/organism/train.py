@@ -53,7 +53,7 @@ class TrainConfig:
     prefix_probability: float = corpus.PREFIX_PROBABILITY
 
     @classmethod
-    def tiny(cls) -> "TrainConfig":
+    def tiny(cls) -> TrainConfig:
         """A few steps of a very small model: for tests of the script, not a useful model."""
         return cls(n_layers=1, d_model=32, n_heads=2, d_mlp=32, attn_only=False, steps=30, batch_size=16,
                    lr=3e-3, warmup_steps=5)
@@ -80,7 +80,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, bos_id: int) -> Any:
     if cfg.attn_only:
         with torch.no_grad():
             for block in model.transformer.h:
-                for p in block.mlp.parameters():
+                for p in block.get_submodule("mlp").parameters():
                     p.zero_()
                     p.requires_grad_(False)
     return model

@@ -2,7 +2,8 @@
 
 ``"final_scale"``: divide by the scale the final LayerNorm used on the real run (cached as
 ``ln_final.hook_scale``), after centering for LayerNorm. This is linear, so per-component
-parts sum to the metric; it is the DLA convention and the user's notebook's logit lens.
+parts sum to the metric; it is the DLA convention and the logit lens of TransformerLens' GPT-2
+small pronoun case study, whose numbers ``notebooks/pronoun_case_study.ipynb`` reproduces.
 ``"renormalized"``: normalize each intermediate residual with its own scale, the "true"
 logit lens (TransformerLens issue 1076: using the final scale there misreads early layers).
 """

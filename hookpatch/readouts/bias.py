@@ -1,8 +1,9 @@
 """The unembed bias left by LayerNorm folding, between two answer tokens.
 
-Folding the final LayerNorm's bias into the unembedding leaves a per-token bias ``b_U``; the
-user's notebook checks it for " he" vs " she" (4.5582 vs 3.6625 in GPT-2 small: a prior of
-2.449× for " he" before any context).
+Folding the final LayerNorm's bias into the unembedding leaves a per-token bias ``b_U``, a
+prior the model applies before reading any context. For " he" vs " she" in GPT-2 small it is
+4.5582 vs 3.6625: " he" starts out 2.449× as likely, which the pronoun circuit has to overcome
+on prompts about women (``notebooks/pronoun_case_study.ipynb``, section 10).
 """
 
 from __future__ import annotations

@@ -76,12 +76,15 @@ def dla_by_head(model: Any, prompts: PromptSet, metric: Metric) -> SweepResult:
     logits, cache = model.run_with_cache(prompts.clean_tokens)
     heads = cache.stack_head_results(layer=-1)  # [layer * head, batch, pos, d_model]
     values = _project(model, cache, heads, prompts, dirs).reshape(facts.n_layers, facts.n_heads, -1)
-    b_O = torch.stack([_bias_vector(model.blocks[l].attn, "b_O", facts.d_model) for l in range(facts.n_layers)])
+    b_O = torch.stack([_bias_vector(model.blocks[layer].attn, "b_O", facts.d_model) for layer in range(facts.n_layers)])
     b_O = b_O[:, None, None, :].expand(-1, len(prompts), prompts.n_pos, -1)
     attn_bias = _project(model, cache, b_O, prompts, dirs)  # [layer, batch]
     return _result(
         values, ("layer", "head"),
-        {"layer": tuple(str(l) for l in range(facts.n_layers)), "head": tuple(f"H{h}" for h in range(facts.n_heads))},
+        {
+            "layer": tuple(str(layer) for layer in range(facts.n_layers)),
+            "head": tuple(f"H{h}" for h in range(facts.n_heads)),
+        },
         metric, logits, {"method": "dla_heads", "attn_bias": attn_bias.float().cpu().tolist()},
     )
 

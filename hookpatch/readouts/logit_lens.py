@@ -35,7 +35,7 @@ def logit_lens(
     """The metric at every layer point, per prompt: ``values[point, batch]``.
 
     Example:
-        >>> lens = logit_lens(model, prompts, LogitDiff(prompts))              # user's convention
+        >>> lens = logit_lens(model, prompts, LogitDiff(prompts))              # final_scale, as DLA
         >>> true = logit_lens(model, prompts, metric, convention="renormalized")
 
     Args:
@@ -80,7 +80,7 @@ def logit_lens_top_tokens(
     top = logits.topk(k, dim=-1)
     rows = []
     for i, label in enumerate(labels):
-        for rank, (value, token) in enumerate(zip(top.values[i].tolist(), top.indices[i].tolist())):
+        for rank, (value, token) in enumerate(zip(top.values[i].tolist(), top.indices[i].tolist(), strict=True)):
             rows.append({"point": label, "rank": rank, "token": model.tokenizer.decode([token]),
                          "token_id": token, "logit": value, "prob": float(probs[i, token])})
     return pd.DataFrame(rows)

@@ -11,8 +11,9 @@ nothing large is copied and later in-place weight edits stay visible.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -216,7 +217,7 @@ def _layer(block: Any, cfg: Any, layer: int, rotary: bool) -> LayerWeights:
         act = gated_mlp.resolve_activation_fn(cfg)
     else:
         hf_mlp = mlp.original_component
-        act = getattr(hf_mlp, "act_fn", None) if gated else hf_mlp.act
+        act = hf_mlp.act_fn if gated else hf_mlp.act
     return LayerWeights(
         ln1=norm_fn(block.ln1, cfg), ln2=norm_fn(block.ln2, cfg),
         q=_proj(attn.q), k=_proj(attn.k), v=_proj(attn.v), o=_proj(attn.o),

@@ -23,9 +23,10 @@ Two runners execute a chunk:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -181,7 +182,7 @@ def _stacked_hooks(
     hooks = {}
     for layer in sorted({c.layer for c in cells}):
         stacked = []
-        for c, m in zip(cells, masks):
+        for c, m in zip(cells, masks, strict=True):
             m = m.expand(B, *m.shape[1:])
             stacked.append(m if c.layer == layer else torch.zeros_like(m))
         mask = torch.cat(stacked)  # [V * B, ...]
@@ -274,11 +275,11 @@ def _finish_patched_blocks(
     point, base_point = RESUMABLE[component]
     info = component_info(component)
     n = fast.n_layers
-    after = lambda l: f"blocks.{l + 1}.hook_resid_pre" if l + 1 < n else f"blocks.{n - 1}.hook_resid_post"  # noqa: E731
+    after = lambda i: f"blocks.{i + 1}.hook_resid_pre" if i + 1 < n else f"blocks.{n - 1}.hook_resid_post"  # noqa: E731
     layers = [c.layer for c in cells]
     resid = torch.cat([run.cache[after(layer)] for layer in layers])  # [V * B, pos, d_model], a new tensor
     for layer in sorted(set(layers)):
-        vs = [v for v, l in enumerate(layers) if l == layer]
+        vs = [v for v, at in enumerate(layers) if at == layer]
         name = info.hook_name(layer)
         hook = _stacked_hooks(component, [cells[v] for v in vs], [masks[v] for v in vs], run, B, d)[name]
         own = run.cache[name]  # [B, pos, ...]: the run's own activation

@@ -40,8 +40,9 @@ token tensor; left padding (attention masks, shifted positions) is not modelled.
 from __future__ import annotations
 
 import types
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +59,6 @@ from hookpatch.sweeps._fast_weights import (
     rope_table,
     unsupported_reason,
 )
-
 
 HookFn = Callable[[Tensor, Any], Tensor | None]
 BLOCK_POINTS = (
@@ -114,8 +114,10 @@ def _linear(x: Tensor, proj: Proj) -> Tensor:
     return F.linear(x, proj.weight, proj.bias)
 
 
+# Shapes such as " n *rest" start with a space so that linters do not read them as the Python
+# expression ``n * rest``; jaxtyping ignores the space.
 def _to_grid(
-    t: Float[Tensor, "n *rest"], batch: int, n_pos: int, index: Int[Tensor, " n"] | None
+    t: Float[Tensor, " n *rest"], batch: int, n_pos: int, index: Int[Tensor, " n"] | None
 ) -> Float[Tensor, "batch n_pos *rest"]:
     """Packed rows into a ``[batch, n_pos, ...]`` grid at flat ``index`` (None: all, in order)."""
     if index is None:
@@ -125,7 +127,7 @@ def _to_grid(
     return out.view(batch, n_pos, *t.shape[1:])
 
 
-def _from_grid(t: Float[Tensor, "batch n_pos *rest"], index: Int[Tensor, " n"] | None) -> Float[Tensor, "n *rest"]:
+def _from_grid(t: Float[Tensor, "batch n_pos *rest"], index: Int[Tensor, " n"] | None) -> Float[Tensor, " n *rest"]:
     """The inverse of :func:`_to_grid`."""
     flat = t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
     return flat if index is None else flat.index_select(0, index)
@@ -153,31 +155,31 @@ class _Layout:
     rows: Int[Tensor, " n_rows"] | None = None  # None: every row
     attn_index: Int[Tensor, " n"] | None = None  # into the attention grid; ``index`` when rows is None
 
-    def full(self, t: Float[Tensor, "n *rest"]) -> Float[Tensor, "batch n_pos *rest"]:
+    def full(self, t: Float[Tensor, " n *rest"]) -> Float[Tensor, "batch n_pos *rest"]:
         """``[n, ...]`` -> ``[batch, n_pos, ...]`` (a view when nothing is skipped)."""
         return _to_grid(t, self.batch, self.n_pos, self.index)
 
-    def pack(self, t: Float[Tensor, "batch n_pos *rest"]) -> Float[Tensor, "n *rest"]:
+    def pack(self, t: Float[Tensor, "batch n_pos *rest"]) -> Float[Tensor, " n *rest"]:
         """``[batch, n_pos, ...]`` -> ``[n, ...]``, the inverse of :meth:`full`."""
         return _from_grid(t, self.index)
 
-    def attn_full(self, t: Float[Tensor, "n *rest"]) -> Float[Tensor, "n_rows n_pos *rest"]:
+    def attn_full(self, t: Float[Tensor, " n *rest"]) -> Float[Tensor, "n_rows n_pos *rest"]:
         """``[n, ...]`` -> ``[n_rows, n_pos, ...]``, the grid attention runs on."""
         if self.rows is None:
             return self.full(t)
         return _to_grid(t, self.rows.shape[0], self.n_pos, self.attn_index)
 
-    def attn_pack(self, t: Float[Tensor, "n_rows n_pos *rest"]) -> Float[Tensor, "n *rest"]:
+    def attn_pack(self, t: Float[Tensor, "n_rows n_pos *rest"]) -> Float[Tensor, " n *rest"]:
         """The inverse of :meth:`attn_full`."""
         return self.pack(t) if self.rows is None else _from_grid(t, self.attn_index)
 
-    def widen(self, t: Float[Tensor, "n_rows *rest"]) -> Float[Tensor, "batch *rest"]:
+    def widen(self, t: Float[Tensor, " n_rows *rest"]) -> Float[Tensor, " batch *rest"]:
         """Attention rows -> all rows (zeros in the others), for a hook."""
         if self.rows is None:
             return t
         return t.new_zeros(self.batch, *t.shape[1:]).index_copy_(0, self.rows, t)
 
-    def narrow(self, t: Float[Tensor, "batch *rest"]) -> Float[Tensor, "n_rows *rest"]:
+    def narrow(self, t: Float[Tensor, " batch *rest"]) -> Float[Tensor, " n_rows *rest"]:
         """All rows -> attention rows, the inverse of :meth:`widen`."""
         return t if self.rows is None else t.index_select(0, self.rows)
 
@@ -222,6 +224,8 @@ def _all_keys(
     rows = torch.arange(layout.batch, device=new.device) if layout.rows is None else layout.rows
     out = known[rows % known.shape[0]]  # [n_rows, pos, kv_head, d_head], a fresh tensor
     index = layout.index if layout.rows is None else layout.attn_index
+    if index is None:
+        raise AssertionError("a layout restricted to rows needs attn_index")
     out.view(-1, *new.shape[1:]).index_copy_(0, index, new.to(out.dtype))
     return out
 
@@ -345,7 +349,7 @@ class FastForward:
         layer: int,
         point: str,
         resid: Float[Tensor, "n d_model"] | None,
-        act: Float[Tensor, "n *rest"],
+        act: Float[Tensor, " n *rest"],
     ) -> Float[Tensor, "n d_model"]:
         """``blocks.{layer}.hook_resid_post`` of packed (row, position) pairs whose block is known
         up to ``point``, where the activation is ``act`` (edited or not).
@@ -499,7 +503,7 @@ class FastForward:
                 at_reads, reads = True, None
             else:
                 x = self._block(x, layer, lh, layout, layout, None, kv)
-        assert layout is not None
+        assert x is not None and layout is not None
         if reads is not None:
             x = x[read_rows.flatten()]  # [batch * n_read, d_model]
         out = self._ln_final(x)

@@ -11,8 +11,9 @@ index, so bad input fails before any run.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Int
@@ -45,12 +46,11 @@ class Grid:
 
     def cells(self) -> list[tuple[int, int | str | None, int | None]]:
         """Every ``(layer, position, head)`` of the grid in ``values`` order (None: all)."""
-        axes = [self.layers] + ([self.positions] if "pos" in self.by else []) + ([self.heads] if "head" in self.by else [])
-        out = []
-        for combo in itertools.product(*axes):
-            parts = dict(zip(self.by, combo))
-            out.append((parts["layer"], parts.get("pos"), parts.get("head")))
-        return out
+        positions: Sequence[int | str | None] = [None]
+        if "pos" in self.by and self.positions is not None:
+            positions = self.positions
+        heads: Sequence[int | None] = self.heads if "head" in self.by and self.heads is not None else [None]
+        return list(itertools.product(self.layers, positions, heads))
 
     def columns(self, prompts: PromptSet) -> Int[Tensor, "n_pos batch"]:
         """The column each grid position selects in each prompt (names resolved per prompt)."""
@@ -81,7 +81,7 @@ class Grid:
         layers: IntsLike = None,
         positions: Any = None,
         heads: IntsLike = None,
-    ) -> "Grid":
+    ) -> Grid:
         """Check the axes against the model and the prompt set and label them.
 
         ``layers``, ``heads`` and ``positions`` may be one entry or several, of any integer
@@ -103,8 +103,8 @@ class Grid:
             raise HookpatchError(
                 f"component {component!r} has no heads; a grid by head needs z, q, k, v or pattern."
             )
-        layer_list = tuple(facts.check_layer(l) for l in (range(facts.n_layers) if layers is None else layers))
-        labels = {"layer": tuple(str(l) for l in layer_list)}
+        layer_list = tuple(facts.check_layer(layer) for layer in (range(facts.n_layers) if layers is None else layers))
+        labels = {"layer": tuple(str(layer) for layer in layer_list)}
         head_list = None
         if "head" in by:
             all_heads = range(facts.n_heads_of(component))
@@ -148,7 +148,7 @@ def default_positions(prompts: PromptSet) -> tuple[int | str, ...]:
     return names
 
 
-def _positions(value: Any) -> list[int | str] | None:
+def _positions(value: Any) -> Sequence[int | str] | None:
     """Grid positions as a list: one or several columns (any integer type) or position names."""
     if value is None:
         return None

@@ -3,7 +3,8 @@
 Thin specialisations of :func:`hookpatch.sweeps.engine.run_cells`:
 
 - :func:`patch_sweep` — ``direction="denoising"`` patches clean activations into the
-  corrupted run (the user's default); ``"noising"`` patches corrupted into clean;
+  corrupted run (the default: it finds what suffices to restore the behaviour);
+  ``"noising"`` patches corrupted into clean (what is necessary for it);
 - :func:`ablation_sweep` — zero, mean or resample ablation of the clean run.
 
 Grids (``by``): ``("layer", "pos")`` for residual stream, attn_out, mlp_out and heads as a
@@ -13,8 +14,9 @@ heads by position. Heads are query heads for z/q/pattern and KV heads for k/v.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,8 +26,8 @@ from hookpatch.checks import (
     IntsLike,
     as_int,
     metric_name,
-    require_finite_runs,
     require_finite_result,
+    require_finite_runs,
     require_metric,
     require_metric_values,
 )
@@ -86,7 +88,8 @@ def patch_sweep(
         raise HookpatchError(f"unknown direction {direction!r}; expected one of {DIRECTIONS}.")
     ctx = _Context.build(model, prompts, metric, component, by, layers, positions, heads, fast, memory_budget)
     run_tokens, source_cache = (
-        (prompts.corrupted_tokens, ctx.clean_cache) if direction == "denoising" else (prompts.clean_tokens, ctx.corrupted_cache)
+        (prompts.corrupted_tokens, ctx.clean_cache) if direction == "denoising"
+        else (prompts.clean_tokens, ctx.corrupted_cache)
     )
     run_cache = ctx.corrupted_cache if direction == "denoising" else ctx.clean_cache
     hook = component_info(component).hook_name
@@ -156,7 +159,7 @@ class _Context:
     corrupted: Tensor  # [batch]
 
     @classmethod
-    def build(cls, model, prompts, metric, component, by, layers, positions, heads, fast, memory_budget) -> "_Context":
+    def build(cls, model, prompts, metric, component, by, layers, positions, heads, fast, memory_budget) -> _Context:
         require_eval(model)
         as_int(memory_budget, "memory_budget", minimum=1, hint=" (bytes one stacked forward may use, e.g. 2**30)")
         require_metric(metric, prompts)

@@ -14,7 +14,8 @@ Named positions: ``IO``, ``S1``, ``S1+1``, ``S2``, ``END``.
 from __future__ import annotations
 
 import random
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from hookpatch.errors import HookpatchError
 from hookpatch.model.tokens import prepend_bos_default
@@ -73,7 +74,10 @@ def ioi_prompts(
             raise HookpatchError(f"IOI template {t!r} lacks the slots {missing}.")
     rng = random.Random(seed)
     abc_rng = random.Random(f"{seed}-abc")  # its own draws, so every corruption has the same clean prompts
-    clean, corrupted, answers, roles = [], [], [], []
+    clean: list[str] = []
+    corrupted: list[str] = []
+    answers: list[tuple[str, str]] = []
+    roles: list[tuple[str, str, str, str, str]] = []
     i = 0
     while len(clean) < n:
         template = templates[i % len(templates)] if i < len(templates) else rng.choice(templates)
@@ -131,7 +135,7 @@ def _with_positions(
     """Attach IO/S1/S1+1/S2 positions, found from each name's occurrences in the text."""
     bos = prepend_bos_default(model)
     pos: dict[str, list[int]] = {"IO": [], "S1": [], "S1+1": [], "S2": []}
-    for text, (a, b, io, s, s2) in zip(clean, roles):
+    for text, (a, b, io, _s, s2) in zip(clean, roles, strict=True):
         first_a = word_position(model, text, " " + a, prepend_bos=bos)
         first_b = word_position(model, text, " " + b, prepend_bos=bos)
         io_pos, s1_pos = (first_a, first_b) if io == a else (first_b, first_a)

@@ -11,15 +11,16 @@ attends to a pad.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from hookpatch.checks import IntsLike, as_ints, require_model
 from hookpatch._summary import clip, listing
+from hookpatch.checks import IntsLike, as_int_list, as_ints, require_model
 from hookpatch.errors import HookpatchError
 from hookpatch.model.tokens import encode, prepend_bos_default, str_tokens, to_single_token
 
@@ -150,7 +151,7 @@ class PromptSet:
             labels.append(f"{i}: {text}" + (f" ({names[i]})" if i in names else ""))
         return labels
 
-    def select(self, index: IntsLike | slice) -> "PromptSet":
+    def select(self, index: IntsLike | slice) -> PromptSet:
         """The prompt set restricted to the prompts at ``index``."""
         rows = list(range(len(self)))[index] if isinstance(index, slice) else as_ints(index, "index")
         if not rows:
@@ -179,7 +180,7 @@ class PromptSet:
             metadata=dict(self.metadata),
         )
 
-    def to(self, device: str | torch.device) -> "PromptSet":
+    def to(self, device: str | torch.device) -> PromptSet:
         """A copy with every tensor on ``device``."""
         return PromptSet(
             task=self.task,
@@ -246,7 +247,7 @@ def make_prompt_set(
         prepend_bos = prepend_bos_default(model)
     clean_ids = [encode(model, p, prepend_bos=prepend_bos) for p in clean]
     corrupted_ids = [encode(model, p, prepend_bos=prepend_bos) for p in corrupted]
-    for i, (a, b) in enumerate(zip(clean_ids, corrupted_ids)):
+    for i, (a, b) in enumerate(zip(clean_ids, corrupted_ids, strict=True)):
         if len(a) != len(b):
             raise HookpatchError(
                 f"prompt {i}: clean {clean[i]!r} is {len(a)} tokens but corrupted "
@@ -277,7 +278,7 @@ def make_prompt_set(
     for name, values in (positions or {}).items():
         if name == END:
             raise HookpatchError(f"position name {END!r} is reserved: it is each prompt's last token.")
-        values = as_ints(values, f"positions[{name!r}]")
+        values = as_int_list(values, f"positions[{name!r}]")
         if len(values) != n:
             raise HookpatchError(f"position {name!r} has {len(values)} entries for {n} prompts.")
         for i, v in enumerate(values):

@@ -1,13 +1,15 @@
 """Pronoun prediction prompts: "Mary is a great friend, isn’t" → " she" (not " he").
 
-The user's notebook task: each frame with each name; the corruption swaps the name for one
-of the other gender, so the clean answer becomes the wrong one.
+The task of TransformerLens' GPT-2 small pronoun case study (redone in
+``notebooks/pronoun_case_study.ipynb``): each frame with each name; the corruption swaps the
+name for one of the other gender, so the clean answer becomes the wrong one.
 """
 
 from __future__ import annotations
 
 import random
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from hookpatch.errors import HookpatchError
 from hookpatch.model.tokens import prepend_bos_default
@@ -24,7 +26,7 @@ def pronoun_prompts(
     seed: int = 0,
     pad: bool = False,
 ) -> PromptSet:
-    """Every template with every name (template-major, as the user's notebook), or ``n`` of them.
+    """Every template with every name (template-major, the case study's order), or ``n`` of them.
 
     Example:
         >>> ps = pronoun_prompts(model)      # 5 frames x 4 names = 20 prompts
@@ -71,7 +73,7 @@ def pronoun_prompts(
     corrupted = [t.format(name=swap) for t, _, swap, _, _ in rows]
     name_pos = [
         word_position(model, text, name if text.startswith(name) else " " + name, prepend_bos=bos)
-        for text, (_, name, _, _, _) in zip(clean, rows)
+        for text, (_, name, _, _, _) in zip(clean, rows, strict=True)
     ]
     return make_prompt_set(
         model,

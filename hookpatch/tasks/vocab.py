@@ -21,7 +21,9 @@ MALE_NAMES: tuple[str, ...] = (
     "Henry", "Frank", "Scott", "Jacob", "Kyle", "Sean", "Alex", "Greg", "Tim", "Martin", "Jeff",
 )
 
-# The user's notebook: five frames, pronoun " she"/" he" after "isn’t" (curly apostrophe).
+# The pronoun task of TransformerLens' GPT-2 small case study, which
+# notebooks/pronoun_case_study.ipynb redoes: five frames, pronoun " she"/" he" after "isn’t".
+# The apostrophe is the curly one of the original prompts: its published numbers depend on it.
 PRONOUN_TEMPLATES: tuple[str, ...] = (
     "{name} is a great friend, isn’t",
     "{name} is an amazing person, isn’t",
@@ -29,7 +31,7 @@ PRONOUN_TEMPLATES: tuple[str, ...] = (
     "{name} is a wonderful partner, isn’t",
     "{name} is an excellent student, isn’t",
 )
-# The user's four names, in the notebook's order, with the correct pronoun.
+# That study's four names, in its order (so per-prompt numbers line up), with the correct pronoun.
 PRONOUN_NAMES: tuple[tuple[str, str], ...] = (
     ("Mary", " she"),
     ("John", " he"),

@@ -6,7 +6,7 @@ result as they are, so a figure's ticks always match ``result.labels``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import plotly.graph_objects as go
 

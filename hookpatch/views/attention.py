@@ -18,9 +18,10 @@ import html
 import json
 import re
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -157,7 +158,7 @@ def parse_heads(heads: Any, n_layers: int, n_heads: int) -> list[tuple[int, int]
     if hasattr(heads, "columns"):  # a DataFrame, e.g. rank_heads(...)
         if not {"layer", "head"} <= set(heads.columns):
             raise HookpatchError("heads: a table of heads needs 'layer' and 'head' columns, as rank_heads gives.")
-        items: Sequence[Any] = list(zip(heads["layer"].tolist(), heads["head"].tolist()))
+        items: Sequence[Any] = list(zip(heads["layer"].tolist(), heads["head"].tolist(), strict=True))
     elif isinstance(heads, str):
         items = [heads]
     elif isinstance(heads, tuple) and len(heads) == 2 and all(isinstance(v, int) for v in heads):

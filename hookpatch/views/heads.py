@@ -49,7 +49,7 @@ def ranked_heads_bar(table: Any, *, title: str | None = None, value_title: str |
             marker={"color": SIGN_COLORS.get(str(sign), "#777777")},
             error_y={"type": "data", "symmetric": False, "array": (high - mean).tolist(),
                      "arrayminus": (mean - low).tolist()},
-            customdata=[list(v) for v in zip(low, high, *extra)],
+            customdata=[list(v) for v in zip(low, high, *extra, strict=True)],
             hovertemplate="%{x}: %{y:.4g} [%{customdata[0]:.4g}, %{customdata[1]:.4g}]"
                           + ("<br>p (adjusted) %{customdata[2]:.3g}" if p_column else "") + "<extra></extra>",
         ))

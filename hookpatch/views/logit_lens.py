@@ -6,7 +6,7 @@ each with an optional shaded bootstrap CI band; hover shows the point label and 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import plotly.graph_objects as go
 
@@ -49,7 +49,7 @@ def logit_lens_line(
         raise HookpatchError(f"names has {len(names)} entries for {len(results)} results; give one per result.")
     points = list(results[0].labels["point"])
     fig = go.Figure()
-    for i, (result, name) in enumerate(zip(results, names)):
+    for i, (result, name) in enumerate(zip(results, names, strict=True)):
         color = COLORS[i % len(COLORS)]
         if ci:
             low, high = result.ci()
