@@ -4,18 +4,21 @@ tokenizer, bad input, and the circuit facts stated in its model card (computed h
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+import sys
 
 import pytest
 import torch
 
 from hookpatch.errors import HookpatchError
+from hookpatch.model import tiny
 from hookpatch.model.loading import load_model, organism_path
 from hookpatch.model.tiny import task_texts
 from hookpatch.model.tokens import encode, to_single_token
-from hookpatch.organism import CHECKPOINT_DIR, REQUIRED_FILES, corpus, verify_checkpoint
-from hookpatch.organism.train import TrainConfig, train
+from hookpatch.organism import CHECKPOINT_DIR, REQUIRED_FILES, corpus, file_sha256, verify_checkpoint
+from hookpatch.organism.train import TrainConfig, build_tokenizer, train
 from hookpatch.organism.train import main as train_main
 from hookpatch.tasks import vocab
 
@@ -163,6 +166,60 @@ def test_tokenizer_round_trips_every_template_word(model):
     every = corpus.training_stream(1)
     seen = {p for _ in range(20000) for p in tok.tokenize(next(every))}
     assert set(tok.get_vocab()) - seen <= {"<unk>", "<|endoftext|>"}, "a vocabulary word is never trained"
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def _saved_tokenizer_sha256(tok, directory) -> dict[str, str]:
+    tok.save_pretrained(directory)
+    return {name: file_sha256(directory / name) for name in TOKENIZER_FILES}
+
+
+def test_tokenizer_rebuilt_from_the_frozen_vocabulary_is_the_shipped_one(tmp_path):
+    shipped = {name: file_sha256(CHECKPOINT_DIR / name) for name in TOKENIZER_FILES}
+    assert _saved_tokenizer_sha256(build_tokenizer(), tmp_path / "rebuilt") == shipped
+    recorded = json.loads((CHECKPOINT_DIR / "training_config.json").read_text())["sha256"]
+    assert {name: recorded[name] for name in TOKENIZER_FILES} == shipped
+    frozen = corpus.vocabulary()
+    ids = json.loads((CHECKPOINT_DIR / "tokenizer.json").read_text())["model"]["vocab"]
+    assert list(frozen.pieces) == sorted(ids, key=ids.__getitem__)  # token id = position in the file
+    # the comparison is sensitive: one more piece gives another tokenizer
+    extra = dataclasses.replace(frozen, pieces=frozen.pieces + (" zebra",))
+    assert _saved_tokenizer_sha256(build_tokenizer(extra), tmp_path / "extra") != shipped
+
+
+def test_frozen_vocabulary_does_not_depend_on_task_builders_or_test_helpers(tmp_path, monkeypatch):
+    shipped = {name: file_sha256(CHECKPOINT_DIR / name) for name in TOKENIZER_FILES}
+    before = corpus.vocabulary()
+    monkeypatch.setattr(vocab, "IOI_PLACES", vocab.IOI_PLACES + ("zoo",))
+    monkeypatch.setattr(vocab, "FEMALE_NAMES", vocab.FEMALE_NAMES + ("Zelda",))
+    monkeypatch.setattr(vocab, "PRONOUN_TEMPLATES", ("{name} is a zany zebra, isn’t",))
+    assert "zoo" in " ".join(tiny.task_texts())  # what the vocabulary used to be built from changed
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the organism's tokenizer must not use hookpatch.model.tiny")
+
+    monkeypatch.setattr(tiny, "task_texts", refuse)
+    monkeypatch.setattr(tiny, "word_level_tokenizer", refuse)
+    monkeypatch.setattr(tiny, "GPT2_SPLIT", "zebra")
+    monkeypatch.setitem(sys.modules, "hookpatch.model.tiny", None)  # importing it now fails
+    assert corpus.vocabulary() == before
+    assert _saved_tokenizer_sha256(build_tokenizer(), tmp_path) == shipped
+
+
+def test_corpus_words_outside_the_frozen_vocabulary_are_refused(tmp_path):
+    frozen = corpus.vocabulary()
+    without = dataclasses.replace(frozen, pieces=tuple(p for p in frozen.pieces if p != " Kevin"))
+    with pytest.raises(HookpatchError, match="outside its frozen vocabulary.*' Kevin'"):
+        build_tokenizer(without)
+    bad = tmp_path / "vocabulary.json"
+    bad.write_text(json.dumps({"pieces": ["<unk>"]}))
+    with pytest.raises(HookpatchError, match="vocabulary.json"):
+        corpus.vocabulary(bad)
+    bad.write_text(json.dumps({**dataclasses.asdict(frozen), "pieces": list(frozen.pieces) + [" is"]}))
+    with pytest.raises(HookpatchError, match="repeated"):
+        corpus.vocabulary(bad)
 
 
 def test_unknown_words_and_long_prompts_are_refused(model):

@@ -22,15 +22,24 @@ Held out from the *task* sentences (IOI and pronoun frames), never from the voca
 ``vocab.IOI_TEMPLATES``) and :data:`HELDOUT_PRONOUN_FRAMES` (adjective/noun pairs, two of
 them frames of ``vocab.PRONOUN_TEMPLATES``). :func:`heldout_ioi_prompts` and :func:`heldout_pronoun_prompts`
 build the evaluation sets used by the tests and the model card.
+
+The tokenizer's vocabulary is frozen data, :data:`VOCABULARY_FILE` (read by
+:func:`vocabulary`), not derived from :mod:`hookpatch.tasks.vocab`: the sentences here may use
+only its words, which the tokenizer builder checks on :func:`sample_texts` and the training
+loop on every example.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from hookpatch.errors import HookpatchError
 from hookpatch.tasks import vocab
 
 APOS = "’"  # the curly apostrophe of vocab.PRONOUN_TEMPLATES ("isn’t")
@@ -315,17 +324,53 @@ def training_stream(
         yield text
 
 
-def vocabulary_texts() -> list[str]:
-    """Texts whose pieces make the tokenizer's vocabulary (every corpus word, both space forms).
+VOCABULARY_FILE = Path(__file__).resolve().parent / "vocabulary.json"
 
-    Includes :func:`hookpatch.model.tiny.task_texts`, so every default prompt of hookpatch
-    (all IOI templates, pronoun frames and names) is in the organism's vocabulary, and a
-    fixed sample of the training stream, held-out frames and names included.
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The organism tokenizer's frozen data: ``pieces`` in token-id order, the special tokens
+    and the pre-tokenization regex, as read from :data:`VOCABULARY_FILE`."""
+
+    pieces: tuple[str, ...]
+    bos_token: str
+    unk_token: str
+    pre_tokenizer_regex: str
+
+
+def vocabulary(path: str | os.PathLike = VOCABULARY_FILE) -> Vocabulary:
+    """The frozen vocabulary of the organism's tokenizer (``vocabulary.json`` beside this module).
+
+    It is data, written once from the tokenizer the shipped checkpoint was trained with, and
+    deliberately not derived from :mod:`hookpatch.tasks.vocab` or any test helper: editing a
+    task builder must not change the organism's tokenizer. Raises a
+    :class:`~hookpatch.errors.HookpatchError` naming the file if it is missing or malformed.
     """
-    from hookpatch.model.tiny import task_texts
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        result = Vocabulary(
+            pieces=tuple(data["pieces"]), bos_token=data["bos_token"], unk_token=data["unk_token"],
+            pre_tokenizer_regex=data["pre_tokenizer_regex"],
+        )
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise HookpatchError(f"the organism's vocabulary file {path} is missing or malformed ({err!r}).") from err
+    if not all(isinstance(p, str) and p for p in result.pieces) or len(set(result.pieces)) != len(result.pieces):
+        raise HookpatchError(f"the organism's vocabulary file {path} has an empty, non-string or repeated piece.")
+    if result.pieces[:2] != (result.bos_token, result.unk_token):
+        raise HookpatchError(f"the organism's vocabulary file {path} must start with the BOS and UNK tokens.")
+    return result
 
-    texts = list(task_texts())
-    texts += [p.text + p.io for p in heldout_ioi_prompts(64)]
+
+def sample_texts() -> list[str]:
+    """A fixed sample of everything the corpus produces, to check it against the vocabulary.
+
+    The held-out evaluation prompts with their answers and 20000 sentences of the training
+    stream with every kind equally likely (prefixes included). The tokenizer builder
+    (:func:`hookpatch.organism.train.build_tokenizer`) refuses a piece of these texts that is
+    not in :func:`vocabulary`.
+    """
+    texts = [p.text + p.io for p in heldout_ioi_prompts(64)]
     texts += [p.text + p.answer for p in heldout_pronoun_prompts() + heldout_object_prompts()]
     kinds = ("ioi", "pronoun", "object", "copy", "other", "gender", "filler")
     stream = training_stream(0, [(k, 1.0) for k in kinds])  # independent of the recipe's mixture

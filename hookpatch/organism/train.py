@@ -59,11 +59,43 @@ class TrainConfig:
                    lr=3e-3, warmup_steps=5)
 
 
-def build_tokenizer() -> Any:
-    """The organism's word-level tokenizer (GPT-2 pre-tokenization, BOS ``<|endoftext|>``)."""
-    from hookpatch.model.tiny import word_level_tokenizer
+def build_tokenizer(vocabulary: corpus.Vocabulary | None = None, *, check_corpus: bool = True) -> Any:
+    """The organism's word-level tokenizer, built from the frozen vocabulary alone.
 
-    return word_level_tokenizer(corpus.vocabulary_texts())
+    ``vocabulary`` defaults to :func:`hookpatch.organism.corpus.vocabulary` (the file
+    ``hookpatch/organism/vocabulary.json``): one id per piece, in the file's order, GPT-2
+    pre-tokenization by the file's regex, BOS ``<|endoftext|>`` (also EOS and padding) and UNK
+    ``<unk>``. Saved with ``save_pretrained`` it is byte-identical to the shipped checkpoint's
+    tokenizer files. With ``check_corpus``, raises a :class:`~hookpatch.errors.HookpatchError`
+    if a sentence of :func:`~hookpatch.organism.corpus.sample_texts` has a word outside the
+    vocabulary.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    frozen = corpus.vocabulary() if vocabulary is None else vocabulary
+    split = pre_tokenizers.Split(Regex(frozen.pre_tokenizer_regex), behavior="isolated")
+    ids = {piece: i for i, piece in enumerate(frozen.pieces)}
+    if check_corpus:
+        missing: dict[str, str] = {}
+        for text in corpus.sample_texts():
+            for piece, _ in split.pre_tokenize_str(text):
+                if piece not in ids:
+                    missing.setdefault(piece, text)
+        if missing:
+            shown = "; ".join(f"{piece!r} (in {text!r})" for piece, text in list(missing.items())[:5])
+            raise HookpatchError(
+                f"the organism's corpus uses {len(missing)} piece(s) outside its frozen vocabulary "
+                f"({corpus.VOCABULARY_FILE.name}): {shown}. Change the corpus templates, or add the "
+                "pieces to the vocabulary file (which changes the tokenizer, so retrain)."
+            )
+    tok = Tokenizer(models.WordLevel(vocab=ids, unk_token=frozen.unk_token))
+    tok.pre_tokenizer = split
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=frozen.bos_token, eos_token=frozen.bos_token,
+        unk_token=frozen.unk_token, pad_token=frozen.bos_token,
+    )
 
 
 def build_model(cfg: TrainConfig, vocab_size: int, bos_id: int) -> Any:
@@ -89,6 +121,9 @@ def build_model(cfg: TrainConfig, vocab_size: int, bos_id: int) -> Any:
 def _batch(stream, tok, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
     texts = [next(stream) for _ in range(cfg.batch_size)]
     ids = [[tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    for text, x in zip(texts, ids, strict=True):
+        if tok.unk_token_id in x:
+            raise HookpatchError(f"a training example has a word outside the organism's vocabulary: {text!r}")
     longest = max(len(x) for x in ids)
     if longest > cfg.n_ctx:
         raise HookpatchError(f"a training example is {longest} tokens long, over n_ctx={cfg.n_ctx}.")
