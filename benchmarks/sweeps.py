@@ -1,14 +1,15 @@
 """Time hookpatch's sweeps against TransformerLens' ``patching`` functions, in one run.
 
-On a GPT-2-small-shaped model (random weights: the same FLOPs), one CPU thread, for three
-settings (1 prompt × 11 tokens; the 20-prompt pronoun set, 11 tokens; 8 IOI prompts × 16
-tokens) and three sweeps (resid_pre layer × pos, heads at all positions, heads by position),
-it records hookpatch's and TransformerLens' seconds, their ratio, the largest difference of
-the results, hookpatch's peak memory above the model's, and the roofline: the FLOPs the
-sweep minimally needs (layers at and after the patch, positions at and after the patched
-position, logits only where the metric reads) over a large fp32 matmul's measured
-throughput. TransformerLens' slowest sweeps are timed on a measured fraction of their cells
-and extrapolated; the file says which (``transformerlens_fraction``).
+On random models of real shapes (the same FLOPs as the trained ones: GPT-2 small; two blocks of
+Llama-3.1-8B's widths with grouped-query attention and its 128k vocabulary; four blocks of
+Qwen3-0.6B's), one CPU thread, for up to three prompt sets (1 prompt × 11 tokens; the 20-prompt
+pronoun set; 8 IOI prompts × 15 tokens) and three sweeps (resid_pre layer × pos, heads at all
+positions, heads by position), it records hookpatch's and TransformerLens' seconds, their ratio,
+the largest difference of the results, hookpatch's peak memory above the model's, and the
+roofline: the matmul FLOPs an exact implementation must spend (see ``NOTES`` and
+:func:`cell_flops`) over a large fp32 matmul's measured throughput. TransformerLens' slowest
+sweeps are timed on a measured fraction of their cells and extrapolated; the file says which
+(``transformerlens_fraction``).
 
     python benchmarks/sweeps.py --json benchmarks/results/sweeps.json
 """
@@ -17,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import json
 import os
 import platform
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import torch
@@ -45,13 +48,14 @@ NOTES = (
     "transformerlens_s is extrapolated from the first transformerlens_fraction of the grid's cells (TL's "
     "cost per cell is constant); max_abs_diff compares those cells. peak_mb is the peak resident memory "
     "above the process's level before the sweep (after handing freed memory back to the OS with "
-    "malloc_trim), sampled every millisecond by a thread whose CPU time is not counted. roofline_s counts, "
-    "per cell, every layer from the patched one at every position from "
-    "the patched one, plus the full unembedding at END. hookpatch does less than that, so "
-    "roofline_multiple can fall below 1: the last layer runs only at END; a patch after attention (z) "
-    "finishes its own layer at the patched positions only, without recomputing that layer's attention; "
-    "and the logit difference is read through its residual direction (W_U[:, correct] - W_U[:, wrong]) "
-    "instead of the full unembedding."
+    "malloc_trim), sampled every millisecond by a thread whose CPU time is not counted. roofline_s is the "
+    "matmul work an exact implementation must do, over this thread's measured matmul throughput: the two "
+    "unpatched runs, then per cell only what the patch can change before the read position (END): for "
+    "resid_pre at (layer, p), blocks from layer on at positions p..END, the last block's queries at END "
+    "only; for a head's z, its block's output projection and MLP at the patched positions, then the later "
+    "blocks from the first patched position on; positions after END never (causal attention); the logit "
+    "difference through its residual direction (2 * d_model FLOPs) unless the logits are soft-capped. "
+    "Norms, softmax and other elementwise work are not counted, so roofline_multiple >= 1 by construction."
 )
 TL_AXES = {
     "resid_pre_layer_pos": (["layer", "pos"], patching.layer_pos_patch_setter, "resid_pre"),
@@ -78,32 +82,85 @@ def matmul_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best
 
 
-def block_flops(facts, n_new: int, n_keys_total: int) -> float:
-    """FLOPs of one block for ``n_new`` query positions attending over up to ``n_keys_total``."""
+def block_flops(facts, kv_from: int, queries: range | list[int]) -> float:
+    """Matmul FLOPs of one whole block: keys and values computed for positions ``kv_from..``
+    up to the last query (earlier ones are the unpatched run's, cached), and the queries at
+    ``queries`` going through attention (each over its causal prefix), the output projection
+    and the MLP."""
     d, dh, H, Hkv = facts.d_model, facts.d_head, facts.n_heads, facts.n_kv_heads
-    proj = 2 * n_new * d * dh * (H + 2 * Hkv) + 2 * n_new * H * dh * d
-    first = n_keys_total - n_new  # keys before the first new query
-    keys = sum(first + i + 1 for i in range(n_new))  # causal: query i sees its prefix
-    attn = 2 * 2 * keys * dh * H
-    mlp = 2 * 2 * n_new * d * (facts.d_mlp or 4 * d)
-    return proj + attn + mlp
+    queries = list(queries)
+    if not queries:
+        return 0.0
+    n_kv = max(queries) - kv_from + 1
+    proj = 2 * d * dh * (H * len(queries) + 2 * Hkv * n_kv)
+    attn = sum(2 * 2 * (q + 1) * dh * H for q in queries)
+    return proj + attn + after_attention_flops(facts, len(queries))
 
 
-def roofline_flops(facts, prompts, sweep: str) -> float:
-    """Minimal FLOPs of a sweep: per cell, layers >= L and positions >= p, logits at END."""
+def after_attention_flops(facts, n: int) -> float:
+    """Matmul FLOPs of a block's rest after attention (output projection and MLP) at ``n`` positions."""
+    d, d_mlp = facts.d_model, facts.d_mlp or 4 * facts.d_model
+    mlp_matrices = 3 if facts.gated_mlp else 2
+    return 2 * n * facts.n_heads * facts.d_head * d + 2 * n * d * d_mlp * mlp_matrices
+
+
+def blocks_from(facts, first: int, p: int, end: int) -> float:
+    """Blocks ``first..`` when positions ``p..`` differ from the unpatched run and the metric reads
+    ``end``: every block but the last at positions ``p..end``, the last at ``end`` only (its keys and
+    values still at ``p..end``). Positions after ``end`` cannot reach it (causal attention)."""
+    n = facts.n_layers
+    if p > end:
+        return 0.0
     total = 0.0
-    n_layers, n_heads = facts.n_layers, facts.n_heads
-    unembed = 2 * facts.d_model * facts.d_vocab
-    for b in range(len(prompts)):
-        P = int(prompts.lengths[b])
-        for L in range(n_layers):
-            layers_after = n_layers - L
-            if sweep == "heads_all_pos":
-                total += n_heads * (layers_after * block_flops(facts, P, P) + unembed)
-            else:
-                per_pos = sum(layers_after * block_flops(facts, P - p, P) + unembed for p in range(P))
-                total += per_pos * (n_heads if sweep == "heads_by_pos" else 1)
+    for layer in range(first, n):
+        total += block_flops(facts, p, [end] if layer == n - 1 else range(p, end + 1))
     return total
+
+
+def cell_flops(facts, sweep: str, layer: int, p: int, end: int, readout: float) -> float:
+    """The matmul FLOPs an exact implementation must spend on one cell of one prompt.
+
+    ``resid_pre`` at (layer, p): blocks ``layer..`` from position p. A head's ``z`` patched at
+    positions ``p..`` (all positions: p = 0) changes its block only after attention: that block's
+    output projection and MLP at the patched positions (the last block: at ``end`` only), then
+    blocks ``layer + 1..`` from p. ``readout``: the metric from the final residual stream."""
+    n = facts.n_layers
+    if sweep == "resid_pre_layer_pos":
+        work = blocks_from(facts, layer, p, end)
+    else:
+        at = [q for q in ([p] if sweep == "heads_by_pos" else range(end + 1)) if q <= end]
+        if layer == n - 1:
+            at = [q for q in at if q == end]
+        if not at:
+            return 0.0  # the patch cannot reach the read position
+        work = after_attention_flops(facts, len(at)) + blocks_from(facts, layer + 1, min(at), end)
+    return work + readout
+
+
+def roofline_flops(facts, prompts, metric, sweep: str, linear_readout: bool) -> float:
+    """The matmul FLOPs an exact sweep must do: the two unpatched runs (clean and corrupted, every
+    block at every position up to the read), then every cell from its patched block and position
+    on (:func:`cell_flops`), reading the metric through its residual direction when it is linear."""
+    n, H = facts.n_layers, facts.n_heads
+    readout = 2 * facts.d_model * (1 if linear_readout else facts.d_vocab)
+    total = 0.0
+    reads = metric.read_positions
+    for b in range(len(prompts)):
+        end = int(reads[b])
+        total += 2 * (blocks_from(facts, 0, 0, end) + readout)
+        for layer in range(n):
+            if sweep == "resid_pre_layer_pos":
+                total += sum(cell_flops(facts, sweep, layer, p, end, readout) for p in range(prompts.n_pos))
+            elif sweep == "heads_all_pos":
+                total += H * cell_flops(facts, sweep, layer, 0, end, readout)
+            else:
+                total += H * sum(cell_flops(facts, sweep, layer, p, end, readout) for p in range(prompts.n_pos))
+    return total
+
+
+def model_shape(model) -> SimpleNamespace:
+    """The sizes the roofline needs: :func:`~hookpatch.model_facts` plus whether the MLP is gated."""
+    return SimpleNamespace(**dataclasses.asdict(model_facts(model)), gated_mlp=hasattr(model.blocks[0].mlp, "gate"))
 
 
 def rss_mb() -> float:
@@ -179,65 +236,96 @@ def settings_for(model) -> dict:
     }
 
 
+# Model shapes: GPT-2 small whole; Llama-3.1-8B and Qwen3-0.6B as a few blocks of their real widths
+# with their real vocabularies (the unembedding is a large share of a short prompt's FLOPs).
+MODELS = {
+    "gpt2-small": dict(family="gpt2", n_layers=12, d_model=768, n_heads=12, d_mlp=3072, vocab_size=50257),
+    "llama3-8b-2-blocks": dict(family="llama", n_layers=2, d_model=4096, n_heads=32, n_kv_heads=8, d_mlp=14336,
+                               vocab_size=128256),
+    "qwen3-0.6b-4-blocks": dict(family="qwen3", n_layers=4, d_model=1024, n_heads=16, n_kv_heads=8, head_dim=128,
+                                d_mlp=3072, vocab_size=151936),
+}
+SETTINGS = {"gpt2-small": "single,pronoun,ioi", "llama3-8b-2-blocks": "single,ioi", "qwen3-0.6b-4-blocks": "single,ioi"}
+# TL's cost per cell is the same for every cell: a measured fraction extrapolates linearly.
+TL_FRACTION = {
+    "single": {"resid_pre_layer_pos": 1.0, "heads_all_pos": 1.0, "heads_by_pos": 0.1},
+    "pronoun": {"resid_pre_layer_pos": 0.25, "heads_all_pos": 0.25, "heads_by_pos": 0.04},
+    "ioi": {"resid_pre_layer_pos": 0.25, "heads_all_pos": 0.25, "heads_by_pos": 0.04},
+}
+
+
+def build_model(shape: str):
+    """A random model of ``shape`` (HF's own initialisation), through the real loading path."""
+    spec = dict(MODELS[shape])
+    return tiny_model(spec.pop("family"), n_ctx=1024, init_std=None, **spec)
+
+
+def bench_setting(model, name: str, prompts, throughput: float, budget_mb: int, tl_fraction: float | None) -> dict:
+    """Every sweep of :data:`SWEEPS` on one prompt set: hookpatch, TransformerLens, roofline."""
+    shape = model_shape(model)
+    metric = LogitDiff(prompts)
+    linear_readout = getattr(model.cfg, "output_logits_soft_cap", None) in (None, 0, -1.0)
+    rows = []
+    for sweep, spec in SWEEPS.items():
+        with PeakMemory() as memory, torch.no_grad():
+            t = clock()
+            ours = patch_sweep(model, prompts, metric, spec["component"], by=spec["by"],
+                               memory_budget=budget_mb * 2**20, progress=False)
+            ours_s = clock() - t
+        peak = memory.above_base_mb
+        fraction = tl_fraction or TL_FRACTION[name][sweep]
+        tl_s, tl_values, index = time_tl(model, prompts, metric, sweep, fraction)
+        n_cells = ours.values[..., 0].numel()
+        tl_total = tl_s * n_cells / len(index)
+        ours_flat = ours.mean().reshape(-1)[: len(index)]
+        diff = float((ours_flat - tl_values.reshape(-1)).abs().max())
+        roof = roofline_flops(shape, prompts, metric, sweep, linear_readout) / throughput
+        rows.append({
+            "sweep": sweep, "hookpatch_s": ours_s, "transformerlens_s": tl_total,
+            "transformerlens_fraction": len(index) / n_cells, "speedup": tl_total / ours_s,
+            "max_abs_diff": diff, "roofline_s": roof, "roofline_multiple": ours_s / roof,
+            "peak_mb": peak, "cells": n_cells, "runner": ours.provenance.runner,
+        })
+        print(f"{name:8s} {sweep:20s} hookpatch {ours_s:8.2f}s  TL {tl_total:9.2f}s "
+              f"(x{tl_total / ours_s:5.1f})  roofline x{ours_s / roof:4.2f}  diff {diff:.1e}  "
+              f"peak {peak:7.1f} MB", flush=True)
+    return {"name": name, "n_prompts": len(prompts), "n_tokens": prompts.n_pos, "sweeps": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", required=True, help="where to write the results")
     parser.add_argument("--tl-fraction", type=float, default=None, help="override the TL fraction for every sweep")
-    parser.add_argument("--settings", default="single,pronoun,ioi")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"model shapes, of {sorted(MODELS)}")
+    parser.add_argument("--settings", default=None, help="prompt sets (single, pronoun, ioi); default per model")
     parser.add_argument("--budget-mb", type=int, default=2048)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = tiny_model("gpt2", n_layers=12, d_model=768, n_heads=12, d_mlp=3072, n_ctx=1024, vocab_size=50257,
-                       init_std=None)
-    facts = model_facts(model)
     throughput = matmul_flops_per_s()
-    settings = settings_for(model)
-    # TL's cost per cell is the same for every cell: a measured fraction extrapolates linearly.
-    default_fraction = {
-        "single": {"resid_pre_layer_pos": 1.0, "heads_all_pos": 1.0, "heads_by_pos": 0.1},
-        "pronoun": {"resid_pre_layer_pos": 0.25, "heads_all_pos": 0.25, "heads_by_pos": 0.04},
-        "ioi": {"resid_pre_layer_pos": 0.25, "heads_all_pos": 0.25, "heads_by_pos": 0.04},
-    }
     out = {
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": 1,
                     "clock": "CPU seconds of the main thread (one torch thread)", "matmul_gflops": throughput / 1e9},
         "notes": NOTES,
-        "model": {"shape": "gpt2-small", "n_layers": facts.n_layers, "d_model": facts.d_model,
-                  "n_heads": facts.n_heads, "d_mlp": facts.d_mlp, "d_vocab": facts.d_vocab},
         "memory_budget_mb": args.budget_mb,
-        "settings": [],
+        "models": [],
     }
-    for name in args.settings.split(","):
-        prompts = settings[name]()
-        metric = LogitDiff(prompts)
-        rows = []
-        for sweep, spec in SWEEPS.items():
-            with PeakMemory() as memory, torch.no_grad():
-                t = clock()
-                ours = patch_sweep(model, prompts, metric, spec["component"], by=spec["by"],
-                                   memory_budget=args.budget_mb * 2**20, progress=False)
-                ours_s = clock() - t
-            peak = memory.above_base_mb
-            fraction = args.tl_fraction or default_fraction[name][sweep]
-            tl_s, tl_values, index = time_tl(model, prompts, metric, sweep, fraction)
-            n_cells = ours.values[..., 0].numel()
-            tl_total = tl_s * n_cells / len(index)
-            ours_flat = ours.mean().reshape(-1)[: len(index)]
-            diff = float((ours_flat - tl_values.reshape(-1)).abs().max())
-            roof = roofline_flops(facts, prompts, sweep) / throughput
-            rows.append({
-                "sweep": sweep, "hookpatch_s": ours_s, "transformerlens_s": tl_total,
-                "transformerlens_fraction": len(index) / n_cells, "speedup": tl_total / ours_s,
-                "max_abs_diff": diff, "roofline_s": roof, "roofline_multiple": ours_s / roof,
-                "peak_mb": peak, "cells": n_cells,
-            })
-            print(f"{name:8s} {sweep:20s} hookpatch {ours_s:8.2f}s  TL {tl_total:9.2f}s "
-                  f"(x{tl_total / ours_s:5.1f})  roofline x{ours_s / roof:4.2f}  diff {diff:.1e}  "
-                  f"peak {peak:7.1f} MB", flush=True)
-        out["settings"].append({"name": name, "n_prompts": len(prompts), "n_tokens": prompts.n_pos, "sweeps": rows})
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=2))
+    for shape in args.models.split(","):
+        torch.manual_seed(0)
+        model = build_model(shape)
+        facts = model_facts(model)
+        entry = {"shape": shape, "n_layers": facts.n_layers, "d_model": facts.d_model, "n_heads": facts.n_heads,
+                 "n_kv_heads": facts.n_kv_heads, "d_head": facts.d_head, "d_mlp": facts.d_mlp,
+                 "d_vocab": facts.d_vocab, "settings": []}
+        print(shape, flush=True)
+        settings = settings_for(model)
+        for name in (args.settings or SETTINGS[shape]).split(","):
+            entry["settings"].append(
+                bench_setting(model, name, settings[name](), throughput, args.budget_mb, args.tl_fraction)
+            )
+        out["models"].append(entry)
+        del model
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ few lines, never print every prompt or tensor: these helpers shorten the parts.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hookpatch._provenance import Provenance
 
 
 def clip(text: str, width: int = 80) -> str:
@@ -31,9 +34,9 @@ def axes_line(axes: Iterable[str], labels: Mapping[str, Sequence[str]]) -> str:
     return " × ".join(f"{a} {len(labels[a])} ({listing(labels[a])})" for a in axes)
 
 
-def what_was_done(info: Mapping[str, Any]) -> str:
-    """``"patch resid_pre denoising, metric normalized_logit_diff"`` from a result's ``info``."""
-    method = f"{info['ablation']} ablation" if "ablation" in info else info.get("method")
-    text = " ".join(str(v) for v in (method, *(info.get(k) for k in ("component", "direction", "convention"))) if v)
-    name = (info.get("metric") or {}).get("name")
+def what_was_done(provenance: Provenance) -> str:
+    """``"patch resid_pre denoising, metric normalized_logit_diff"`` from a result's provenance."""
+    words = (provenance.method_label, provenance.component, provenance.direction, provenance.convention)
+    text = " ".join(str(v) for v in words if v)
+    name = provenance.metric.name
     return ", ".join(part for part in (text, f"metric {name}" if name else "") if part)

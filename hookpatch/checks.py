@@ -15,12 +15,15 @@ import functools
 import numbers
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from hookpatch.errors import HookpatchError
+
+if TYPE_CHECKING:
+    from hookpatch.metrics.base import Metric
 
 # Annotations of arguments the checks below accept in several forms; they stay open so the
 # check, not a type checker, is what speaks to the user.
@@ -162,6 +165,16 @@ def require_metric(metric: Any, prompts: Any, arg: str = "metric") -> None:
             f"{arg}= must be a Metric such as LogitDiff(prompts) or a callable logits -> [..., batch]; "
             f"got {type(metric).__name__}."
         )
+
+
+def as_metric(metric: Any, prompts: Any, arg: str = "metric") -> Metric:
+    """``metric`` checked by :func:`require_metric` and, if it is a plain callable, wrapped once
+    into a :class:`~hookpatch.metrics.base.CallableMetric`: what every public entry point does
+    first, so the code behind it sees one metric protocol (returns a ``Metric``)."""
+    from hookpatch.metrics.base import as_metric as wrap
+
+    require_metric(metric, prompts, arg)
+    return wrap(metric, prompts)
 
 
 def metric_name(metric: Any) -> str:

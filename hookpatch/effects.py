@@ -19,47 +19,40 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from jaxtyping import Float
 from torch import Tensor
 
+from hookpatch._provenance import Provenance
 from hookpatch.checks import IntLike, as_count, as_int
 from hookpatch.errors import HookpatchError
-from hookpatch.hooks.factory import ABLATIONS
 from hookpatch.stats import adjust_pvalues, check_bootstrap, check_correction, mean_ci, sign_flip_pvalue
 
 BASELINES = ("corrupted", "clean", "none")
-ALREADY_EFFECTS = ("attribution", "integrated_gradients", "dla", "dla_heads", "dla_neurons")
 
 
-def default_baseline(info: Mapping[str, Any]) -> str:
-    """The baseline a result's effects are read against, from what produced it (``info``).
+def default_baseline(provenance: Provenance) -> str:
+    """The baseline a result's effects are read against, from what produced it.
 
     Denoising patching → ``"corrupted"``; noising patching and ablations → ``"clean"``;
-    readouts, attribution and results that do not say → ``"none"`` (the values as they are).
+    DLA, attribution and readouts → ``"none"`` (the values as they are). The rule lives on
+    the record (:attr:`Provenance.default_baseline`); this is its functional form.
     """
-    method = info.get("method")
-    if method == "patch":
-        return "clean" if info.get("direction") == "noising" else "corrupted"
-    if method in ABLATIONS:
-        return "clean"
-    return "none"
+    return provenance.default_baseline
 
 
-def resolve_baseline(info: Mapping[str, Any], baseline: str | None, has_corrupted: bool) -> str:
-    """``baseline`` checked against a result's ``info`` and runs (``None``: the result's default)."""
+def resolve_baseline(provenance: Provenance, baseline: str | None, has_corrupted: bool) -> str:
+    """``baseline`` checked against a result's provenance and runs (``None``: the result's default)."""
     if baseline is None:
-        return default_baseline(info)
+        return provenance.default_baseline
     if baseline not in BASELINES:
         raise HookpatchError(
             f"baseline={baseline!r}: expected one of {BASELINES}, or None for the result's default "
-            f"({default_baseline(info)!r})."
+            f"({provenance.default_baseline!r})."
         )
-    method = info.get("method")
-    if baseline != "none" and method in ALREADY_EFFECTS:
+    if baseline != "none" and provenance.values_are_changes:
         raise HookpatchError(
-            f"baseline={baseline!r}: the values of a {method} result are already contributions or "
+            f"baseline={baseline!r}: the values of a {provenance.method} result are already contributions or "
             "changes, not a metric after an intervention; pass baseline=None or 'none'."
         )
     if baseline == "corrupted" and not has_corrupted:

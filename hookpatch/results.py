@@ -5,7 +5,11 @@ metric; the axes (``layer``, ``pos``, ``head``) carry labels ("3: friend", "L9H7
 clean and corrupted baselines and the metric's normalization travel with it. The mean value
 is derived, and so are the effects — each prompt's change against the clean or corrupted
 run, with a paired CI and p-value per cell (:mod:`hookpatch.effects`); ``to_dataframe``
-gives one row per cell; ``save``/``load`` round-trip.
+gives one row per cell; ``save``/``load`` round-trip, provenance included.
+
+What produced a result is a typed, frozen :class:`Provenance` (kind, method, component,
+direction or ablation, metric, model and how it was loaded, prompt-set fingerprint, runner,
+grid, hookpatch version).
 """
 
 from __future__ import annotations
@@ -21,24 +25,36 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from hookpatch._provenance import GridFacts, MetricSpec, Provenance, ResultKind
+from hookpatch._results_io import FORMAT_VERSION, legacy_info, load_result, save_result
 from hookpatch._summary import axes_line, what_was_done
 from hookpatch.checks import IntLike
 from hookpatch.effects import Effects, measure, resolve_baseline
 from hookpatch.errors import HookpatchError
 from hookpatch.metrics.base import PerPrompt
 
+__all__ = ["FORMAT_VERSION", "GridFacts", "MetricSpec", "Provenance", "ResultKind", "SweepResult"]
+
 
 @dataclass(frozen=True)
 class SweepResult:
-    """A metric per grid cell and prompt, with axis labels and baselines.
+    """Per-prompt values over a labelled grid, with baselines and a typed provenance.
+
+    One type holds every kind of result; ``provenance.kind`` says what the values are — the
+    metric after an intervention (``"patched_metric"``), an effect already (``"effect"``,
+    DLA), a gradient estimate of a patching effect (``"attribution_estimate"``) or the metric
+    read off a run (``"readout"``, the logit lens) — and so which baseline its effects use.
 
     Attributes:
-        values: ``[*grid, batch]`` metric after each patch/ablation, per prompt.
+        values: ``[*grid, batch]`` value per cell and prompt.
         axes: names of the grid axes, e.g. ``("layer", "pos")`` or ``("layer", "head")``.
         labels: axis name → one label per index along that axis.
         clean, corrupted: ``[batch]`` metric on the unpatched clean and corrupted runs (a
             readout of one run keeps that run's metric in ``clean`` and no ``corrupted``).
-        info: what was done: component, direction or ablation, metric description, ...
+        provenance: what produced the values (:class:`hookpatch.results.Provenance`).
+        terms: per-prompt parts that are not on the grid, by name: DLA's constant term
+            ``"bias"`` ``[batch]``, per-layer attention biases ``"attn_bias"`` ``[layer, batch]``,
+            the MLP bias ``"mlp_bias"`` ``[batch]`` (grid + terms = the metric).
     """
 
     values: Float[Tensor, "*grid batch"]
@@ -46,7 +62,28 @@ class SweepResult:
     labels: Mapping[str, tuple[str, ...]]
     clean: Float[Tensor, " batch"]
     corrupted: Float[Tensor, " batch"] | None = None
-    info: Mapping[str, Any] = field(default_factory=dict)
+    provenance: Provenance = field(default_factory=Provenance.unknown)
+    terms: Mapping[str, Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.provenance, Provenance):
+            raise HookpatchError(
+                f"provenance= must be a hookpatch.results.Provenance; got {type(self.provenance).__name__}."
+            )
+
+    @property
+    def kind(self) -> ResultKind:
+        """What the values are: ``"patched_metric"``, ``"effect"``, ``"attribution_estimate"`` or ``"readout"``."""
+        return self.provenance.kind
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The provenance as the untyped dict of earlier hookpatch versions, for old code only.
+
+        Derived from :attr:`provenance` and :attr:`terms` each time (a copy: changing it
+        changes nothing); read the typed :attr:`provenance` instead.
+        """
+        return legacy_info(self.provenance, self.terms)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -55,7 +92,7 @@ class SweepResult:
 
     def __repr__(self) -> str:
         """A few lines: what was done, the axes with sizes and labels, baselines, extreme cells."""
-        lines = [f"SweepResult({what_was_done(self.info)}, {self.values.shape[-1]} prompts",
+        lines = [f"SweepResult({what_was_done(self.provenance)}, {self.values.shape[-1]} prompts",
                  f"  axes: {axes_line(self.axes, self.labels)}"]
         runs = [(name, run) for name, run in (("clean", self.clean), ("corrupted", self.corrupted)) if run is not None]
         lines.append("  runs without intervention (mean over prompts): "
@@ -102,7 +139,7 @@ class SweepResult:
         Returns:
             ``[*grid, batch]`` effects (in normalized units for a normalized metric).
         """
-        name = resolve_baseline(self.info, baseline, self.corrupted is not None)
+        name = resolve_baseline(self.provenance, baseline, self.corrupted is not None)
         if name == "none":
             return self.values
         run = self.clean if name == "clean" else self.corrupted
@@ -139,7 +176,7 @@ class SweepResult:
         Returns:
             An :class:`hookpatch.effects.Effects` with ``[*grid]`` statistics.
         """
-        name = resolve_baseline(self.info, baseline, self.corrupted is not None)
+        name = resolve_baseline(self.provenance, baseline, self.corrupted is not None)
         return measure(self.effect(name), name, tuple(self.axes), self.labels, level=level,
                        n_resamples=n_resamples, n_permutations=n_permutations, seed=seed,
                        alternative=alternative, correction=correction)
@@ -187,7 +224,7 @@ class SweepResult:
             eff = self.effects(baseline, **stats)
             name, effect_mean = eff.baseline, eff.mean
         else:
-            name = resolve_baseline(self.info, baseline, self.corrupted is not None)
+            name = resolve_baseline(self.provenance, baseline, self.corrupted is not None)
             effect_mean = self.effect(name).mean(-1)
         rows = []
         for index, row in self.cells():
@@ -206,46 +243,18 @@ class SweepResult:
         return df
 
     def save(self, path: str | Path) -> None:
-        """Write the result to ``path`` (a torch file of tensors and plain data)."""
-        torch.save(
-            {
-                "values": self.values.detach().cpu(),
-                "axes": list(self.axes),
-                "labels": {k: list(v) for k, v in self.labels.items()},
-                "clean": self.clean.detach().cpu(),
-                "corrupted": None if self.corrupted is None else self.corrupted.detach().cpu(),
-                "info": dict(self.info),
-                "kind": "hookpatch.SweepResult",
-            },
-            path,
-        )
+        """Write the result to ``path``: a torch file of tensors and plain data, with a format version.
+
+        The provenance is saved with it; :meth:`load` reads this format and the previous one.
+        """
+        save_result(self, path)
 
     @classmethod
     def load(cls, path: str | Path) -> SweepResult:
-        """Read a result written by :meth:`save`.
+        """Read a result written by :meth:`save`, by this version of hookpatch or the previous one.
 
         A missing, truncated or foreign file (e.g. one written with ``torch.save(result)``,
-        which pickles the object) is refused with an error naming the path.
+        which pickles the object), or one of an unknown format version, is refused with an
+        error naming the path.
         """
-        how = "results are saved with result.save(path) and read back with SweepResult.load(path)"
-        if not Path(path).is_file():
-            raise HookpatchError(f"path={str(path)!r}: no such file; {how}.")
-        try:
-            data = torch.load(path, weights_only=True)
-        except Exception as err:  # noqa: BLE001 - torch raises many kinds for a bad file
-            raise HookpatchError(
-                f"path={str(path)!r} could not be read as a hookpatch sweep result (it is truncated, "
-                f"or was not written by SweepResult.save: {type(err).__name__}); {how}."
-            ) from err
-        keys = ("values", "axes", "labels", "clean", "corrupted", "info")
-        if (not isinstance(data, dict) or data.get("kind") != "hookpatch.SweepResult"
-                or any(k not in data for k in keys)):
-            raise HookpatchError(f"path={str(path)!r} is not a hookpatch sweep result; {how}.")
-        return cls(
-            values=data["values"],
-            axes=tuple(data["axes"]),
-            labels={k: tuple(v) for k, v in data["labels"].items()},
-            clean=data["clean"],
-            corrupted=data["corrupted"],
-            info=data["info"],
-        )
+        return load_result(cls, path)

@@ -1,4 +1,9 @@
-"""Tiny random bridges of both architecture families, built once per test session."""
+"""Tiny random bridges of every architecture family, built once per test session.
+
+The ``model`` fixture (GPT-2 and Llama, HF's trivial norm weights and biases) is what most
+tests run on; ``variant_model`` runs a test on all six families, each with random norm
+weights and biases, and is kept for the variant-equivalence matrix.
+"""
 
 from __future__ import annotations
 
@@ -13,22 +18,81 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def gpt2_model():
     """GPT-2 style: LayerNorm, learned positions, multi-head; word-level tokenizer."""
-    return tiny_model("gpt2", n_layers=2, d_model=64, n_heads=4, d_mlp=128)
+    return tiny_model("gpt2", n_layers=2, d_model=64, n_heads=4, d_mlp=128, norm_std=0.0)
 
 
 @pytest.fixture(scope="session")
 def llama_model():
     """Llama style: RMSNorm, rotary, gated MLP, grouped-query attention (4 query / 2 KV heads)."""
-    return tiny_model("llama", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_mlp=128)
+    return tiny_model("llama", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_mlp=128, norm_std=0.0)
 
 
 @pytest.fixture(scope="session")
 def gpt2_bpe_model():
     """GPT-2 style with a byte-level BPE tokenizer (GPT-2's leading-space scheme)."""
-    return tiny_model("gpt2", tokenizer="bpe", n_layers=2, d_model=64, n_heads=4, d_mlp=128)
+    return tiny_model("gpt2", tokenizer="bpe", n_layers=2, d_model=64, n_heads=4, d_mlp=128, norm_std=0.0)
 
 
 @pytest.fixture(params=["gpt2", "llama"])
 def model(request, gpt2_model, llama_model):
     """Each architecture family in turn."""
     return {"gpt2": gpt2_model, "llama": llama_model}[request.param]
+
+
+SIZES = dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_mlp=128)  # the variant matrix's shape
+VARIANT_ARGS = {  # write_tiny_checkpoint's arguments per variant, so a test can rebuild the checkpoint
+    "gpt2": dict(SIZES, seed=11),
+    "llama": dict(SIZES, seed=12),
+    "qwen2": dict(SIZES, seed=13),
+    "qwen3": dict(SIZES, seed=14),
+    "gemma2": dict(SIZES, sliding_window=4, seed=15),
+    "mistral": dict(SIZES, sliding_window=6, seed=16),
+}
+VARIANTS = tuple(VARIANT_ARGS)
+
+
+@pytest.fixture(scope="session")
+def gpt2_variant_model():
+    """GPT-2 with random LayerNorm weights and biases everywhere (a wrong fold shows)."""
+    return tiny_model("gpt2", **VARIANT_ARGS["gpt2"])
+
+
+@pytest.fixture(scope="session")
+def llama_variant_model():
+    """Llama (grouped-query attention) with random RMSNorm weights."""
+    return tiny_model("llama", **VARIANT_ARGS["llama"])
+
+
+@pytest.fixture(scope="session")
+def qwen2_model():
+    """Qwen2: Llama's block with random q/k/v biases; byte-level BPE tokenizer, no BOS."""
+    return tiny_model("qwen2", **VARIANT_ARGS["qwen2"])
+
+
+@pytest.fixture(scope="session")
+def qwen3_model():
+    """Qwen3: per-head q/k RMSNorm, head_dim 32 (4 heads x 32 = 128 wide, d_model 64)."""
+    return tiny_model("qwen3", **VARIANT_ARGS["qwen3"])
+
+
+@pytest.fixture(scope="session")
+def gemma2_model():
+    """Gemma 2: offset RMSNorm around each sublayer, soft-capping, a 4-token window on layer 0."""
+    return tiny_model("gemma2", **VARIANT_ARGS["gemma2"])
+
+
+@pytest.fixture(scope="session")
+def mistral_model():
+    """Mistral with a 6-token window on every layer, shorter than the task prompts.
+
+    HuggingFace's default 4096-token window would never act on a test prompt, making Mistral
+    a copy of Llama; a short window tests that every path honours it.
+    """
+    return tiny_model("mistral", **VARIANT_ARGS["mistral"])
+
+
+@pytest.fixture(params=VARIANTS)
+def variant_model(request):
+    """Each of the six architecture variants in turn (built on first use, once per session)."""
+    name = request.param
+    return request.getfixturevalue(f"{name}_variant_model" if name in ("gpt2", "llama") else f"{name}_model")

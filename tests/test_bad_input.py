@@ -253,7 +253,7 @@ USER_CASES = {
     "normalized_base_not_a_metric": (lambda c: hp.Normalized(lambda logits: logits[..., 0, 0], 1.0, 0.0), r"base= must be a hookpatch Metric"),
     "compare_results_ablation": (lambda c: compare_results(hp.ablation_sweep(c.model, c.prompts, c.metric, "z", **QUIET),
                                                            hp.attribution_sweep(c.model, c.prompts, c.metric, "z", by=("layer", "head"), **QUIET)),
-                                 r"activation= must be an activation-patching result \(patch_sweep\); got a 'zero' result"),
+                                 r"activation= must be an activation-patching result \(patch_sweep\); got a 'zero ablation' result"),
     "steps_float": (lambda c: hp.attribution_sweep(c.model, c.prompts, c.metric, steps=1.5, **QUIET), r"steps=1.5 must be a positive integer"),
     "compare_k_float": (lambda c: hp.compare(c.model, c.prompts, c.metric, k=2.5, **QUIET), r"k=2.5 must be an integer >= 1"),
     "compare_level_string": (lambda c: hp.compare(c.model, c.prompts, c.metric, level="high", **QUIET), r"level='high' must be in \(0, 1\)"),
@@ -390,7 +390,7 @@ def test_integers_of_any_kind_are_integers(ctx):
     assert torch.equal(everything.values, hp.patch_sweep(c.model, c.prompts, c.metric, **QUIET).values)
     seeded = hp.ablation_sweep(c.model, c.prompts, c.metric, how="resample", seed=np.int64(3), **QUIET)
     assert torch.equal(seeded.values, hp.ablation_sweep(c.model, c.prompts, c.metric, how="resample", seed=3, **QUIET).values)
-    assert seeded.info["seed"] == 3 and type(seeded.info["seed"]) is int
+    assert seeded.provenance.seed == 3 and type(seeded.provenance.seed) is int
     assert model_facts(c.model).check_layer(np.int64(1)) == 1 and model_facts(c.model).check_head("z", torch.tensor(2)) == 2
     name, hook = patch_hook(c.model, "z", np.int64(1), c.cache["blocks.1.attn.hook_z"], heads=np.int64(2), positions=np.int64(3))
     assert name == "blocks.1.attn.hook_z" and hook.keywords["mask"][0, :, :, 0].nonzero().tolist() == [[3, 2]]
@@ -398,7 +398,7 @@ def test_integers_of_any_kind_are_integers(ctx):
     assert hp.predictions(c.model, "Mary went to the", k=np.int64(3)).top[2].rank == 2
     ig = hp.attribution_sweep(c.model, c.prompts, c.metric, "z", by=("layer", "head"), steps=np.int64(3),
                               steps_per_pass=torch.tensor(2), **QUIET)
-    assert ig.info["steps"] == 3 and type(ig.info["steps"]) is int
+    assert ig.provenance.steps == 3 and type(ig.provenance.steps) is int
     assert torch.equal(ig.values, hp.attribution_sweep(c.model, c.prompts, c.metric, "z", by=("layer", "head"),
                                                        steps=3, steps_per_pass=2, **QUIET).values)
 

@@ -18,16 +18,16 @@ from hookpatch.errors import HookpatchError
 from hookpatch.metrics import LogitDiff, Normalized
 from hookpatch.readouts.dla import dla_by_head
 from hookpatch.readouts.heads import rank_heads
-from hookpatch.results import SweepResult
+from hookpatch.results import Provenance, SweepResult
 from hookpatch.sweeps.patching import ablation_sweep, patch_sweep
 from hookpatch.tasks.pronoun import pronoun_prompts
 
 HEADS = {"layer": ("0", "1"), "head": ("H0", "H1", "H2")}
 
 
-def hand_result(values, clean, corrupted, **info) -> SweepResult:
+def hand_result(values, clean, corrupted, **provenance) -> SweepResult:
     return SweepResult(values=values, axes=("layer", "head"), labels=HEADS, clean=clean, corrupted=corrupted,
-                       info=info)
+                       provenance=Provenance(kind="patched_metric", **provenance))
 
 
 def tl_result(values, baseline) -> PatchingResult:
@@ -115,7 +115,7 @@ def test_rank_heads_on_ablation_ranks_by_change_from_clean():
     clean = torch.linspace(2.0, 4.0, batch)
     change = torch.tensor([[-1.0, -0.01, 0.0], [-0.5, 0.2, -2.0]])[..., None] + torch.linspace(-0.01, 0.01, batch)
     change[0, 2] = 0.0
-    result = hand_result(clean + change, clean, None, method="zero", ablation="zero")
+    result = hand_result(clean + change, clean, None, method="ablation", ablation="zero")
     table = rank_heads(result, k=5)
     assert table.attrs["baseline"] == "clean" and set(table["baseline"]) == {"clean"}
     negative = table[table["sign"] == "negative"]
@@ -223,7 +223,7 @@ def test_bad_baselines_and_settings_are_refused(gpt2_model):
     with pytest.raises(HookpatchError, match=r"baseline='both': expected one of \('corrupted', 'clean', 'none'\)"):
         patched.effect("both")
     with pytest.raises(HookpatchError, match="baseline='corrupted': this result has no corrupted run"):
-        hand_result(values, clean, None, method="zero").effects("corrupted")
+        hand_result(values, clean, None, method="ablation", ablation="zero").effects("corrupted")
     prompts = pronoun_prompts(gpt2_model, n=4)
     dla = dla_by_head(gpt2_model, prompts, LogitDiff(prompts))
     with pytest.raises(HookpatchError, match="baseline='clean': the values of a dla_heads result are already"):

@@ -1,21 +1,21 @@
-"""FastForward against the bridge itself: logits, every hook point, edits, prefixes, per-row
-frozen prefixes and start layers, refusals."""
+"""FastForward against the bridge itself, on every architecture variant: logits, every hook
+point, edits, per-row frozen prefixes and start layers, resumed blocks, the hook points that
+need config flags on the bridge, refusals."""
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import pytest
 import torch
 
 from hookpatch.errors import HookpatchError
 from hookpatch.model.tiny import tiny_model
-from hookpatch.sweeps.fastpath import (
-    BLOCK_POINTS,
-    GATED_POINTS,
+from hookpatch.runners.fast import (
+    FLAG_POINTS,
     RESUME_POINTS,
-    ROTARY_POINTS,
     FastForward,
     frozen_kv_from_cache,
-    prefix_kv_from_cache,
 )
 
 ATOL = 1e-4
@@ -31,9 +31,25 @@ def tokens_for(model, seed=0, shared_prefix=0):
 
 
 def hook_names(model, fast):
-    points = BLOCK_POINTS + (ROTARY_POINTS if fast.rotary else ())
-    points += GATED_POINTS if model.cfg.gated_mlp else ()
+    """Every hook point the fast path fires that the bridge fires without config flags."""
+    points = [p for p in fast.hook_points if p not in FLAG_POINTS]
     return [f"blocks.{layer}.{p}" for layer in range(model.cfg.n_layers) for p in points]
+
+
+BRIDGE_FLAGS = ("use_split_qkv_input", "use_attn_result", "use_hook_mlp_in")
+
+
+@contextmanager
+def bridge_flags(model):
+    """The bridge with the flags on that make it fire FLAG_POINTS (turned off again after)."""
+    assert not any(getattr(model.cfg, flag, False) for flag in BRIDGE_FLAGS)
+    try:
+        for flag in BRIDGE_FLAGS:
+            getattr(model, f"set_{flag}")(True)
+        yield model
+    finally:
+        for flag in BRIDGE_FLAGS:
+            getattr(model, f"set_{flag}")(False)
 
 
 def recorder(store):
@@ -105,12 +121,63 @@ def perturbed_models():
     return models
 
 
-@pytest.fixture(params=["fixture", "perturbed"])
-def any_model(request, model, perturbed_models):
-    """Each family as built, and with random biases and norm weights."""
-    if request.param == "fixture":
-        return model
-    return perturbed_models["llama" if model.cfg.positional_embedding_type == "rotary" else "gpt2"]
+def hf_checkpoint(tmp_path_factory, name, config_class, model_class, seed, **config):
+    """A random 2-layer HF model of a family ``tiny_model`` does not build, loaded as a bridge."""
+    import transformers
+
+    from hookpatch.model.loading import load_model
+    from hookpatch.model.tiny import byte_bpe_tokenizer
+
+    tok = byte_bpe_tokenizer()
+    cfg = getattr(transformers, config_class)(
+        vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.bos_token_id, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **config,
+    )
+    torch.manual_seed(seed)
+    hf = getattr(transformers, model_class)(cfg)
+    with torch.no_grad():  # random matrices, and norm weights away from their trivial values
+        for p in hf.parameters():
+            p.normal_(0.0, 0.2) if p.ndim == 2 else p.add_(0.1 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp(name)
+    hf.save_pretrained(path)
+    tok.save_pretrained(path)
+    return load_model(str(path))
+
+
+@pytest.fixture(scope="module")
+def gemma3_model(tmp_path_factory):
+    """Gemma 3: Gemma 2's block with offset q/k norms, a local and a global rotary table (a
+    4-token window on layer 0) and, here, a final soft cap."""
+    return hf_checkpoint(
+        tmp_path_factory, "gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM", 17, head_dim=16, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=24, final_logit_softcapping=8.0,
+    )
+
+
+@pytest.fixture(scope="module")
+def olmo2_model(tmp_path_factory):
+    """OLMo-2: a norm after (not before) each sublayer, q/k norms over all heads together."""
+    import warnings
+
+    with warnings.catch_warnings():  # the bridge cannot fold OLMo-2's post-norms, and says so
+        warnings.simplefilter("ignore", UserWarning)
+        return hf_checkpoint(tmp_path_factory, "olmo2", "Olmo2Config", "Olmo2ForCausalLM", 18)
+
+
+NEW_VARIANTS = ("qwen2", "qwen3", "gemma2", "mistral", "gemma3", "olmo2")  # random norm weights
+ANY = ("gpt2", "llama", "gpt2 perturbed", "llama perturbed", *NEW_VARIANTS)
+
+
+@pytest.fixture(params=ANY)
+def any_model(request, perturbed_models):
+    """GPT-2 and Llama as built (trivial norms) and with random biases and norm weights; Qwen2
+    (q/k/v biases), Qwen3 (q/k norms), Gemma 2 (offset norms around each sublayer, soft caps,
+    a 4-token window on layer 0) and Mistral (a 6-token window on every layer)."""
+    name = request.param
+    if name.endswith(" perturbed"):
+        return perturbed_models[name.split()[0]]
+    return request.getfixturevalue(f"{name}_model")
 
 
 @torch.no_grad()
@@ -161,7 +228,7 @@ EDITS = {
     "zero z head 1": ("blocks.1.attn.hook_z", head_slice(1, 2, torch.zeros_like)),
     "replace v kv-head 0": ("blocks.0.attn.hook_v", head_slice(0, 2, lambda v: v.flip(1) + 0.5)),
     "scale pattern": ("blocks.0.attn.hook_pattern", lambda p, hook: p * 0.5),
-    "add to resid_mid": ("blocks.0.hook_resid_mid", lambda x, hook: x + 0.7),
+    "add to resid_mid": ("blocks.0.hook_resid_mid", lambda x, hook: x.add_(0.7)),  # in place: reaches both readers
     "shift q": ("blocks.1.attn.hook_q", lambda q, hook: q + 0.3),
     "shift pre-rotary k": ("blocks.1.attn.hook_k", lambda k, hook: k * 2.0),
     "neuron 3 off": ("blocks.0.mlp.hook_post", head_slice(3, 2, torch.zeros_like)),
@@ -173,7 +240,8 @@ EDITS = {
 
 @torch.no_grad()
 @pytest.mark.parametrize("edit", sorted(EDITS))
-def test_editing_hooks_match_run_with_hooks(model, edit):
+def test_editing_hooks_match_run_with_hooks(any_model, edit):
+    model = any_model
     name, fn = EDITS[edit]
     toks, _, cache = clean_run(model, seed=2)
     expected = model.run_with_hooks(toks, fwd_hooks=[(name, fn)])
@@ -185,60 +253,6 @@ def test_editing_hooks_match_run_with_hooks(model, edit):
         torch.testing.assert_close(fast.run(resid, start, hooks={name: fn}), expected, atol=ATOL, rtol=0)
         read = fast.run(resid, start, hooks={name: fn}, read_pos=read_pos)
         torch.testing.assert_close(read[:, 0], expected[torch.arange(BATCH), read_pos], atol=ATOL, rtol=0)
-
-
-@torch.no_grad()
-def test_resid_mid_edit_reaches_residual_on_request(model):
-    """Default: the bridge's ln2.hook_in semantics; on request: HookedTransformer's."""
-    _, _, cache = clean_run(model, seed=2)
-    seen = {}
-    hooks = {"blocks.0.hook_resid_mid": lambda x, hook: x + 1.0}
-    hooks |= {f"blocks.0.{p}": recorder(seen) for p in ("hook_mlp_out", "hook_resid_post")}
-    for carries, shift in ((False, 0.0), (True, 1.0)):
-        fast = FastForward(model, resid_mid_edits_residual=carries)
-        fast.run(cache["blocks.0.hook_resid_pre"], 0, hooks=hooks)
-        residual = seen["blocks.0.hook_resid_post"] - seen["blocks.0.hook_mlp_out"]
-        torch.testing.assert_close(residual, cache["blocks.0.hook_resid_mid"] + shift, atol=ATOL, rtol=0)
-
-
-def later_than(p0, fn):
-    """Apply ``fn`` only at absolute positions >= p0 (positions axis 1), via ``hook.pos_offset``."""
-
-    def hook(x, hook):
-        pos = getattr(hook, "pos_offset", 0) + torch.arange(x.shape[1])
-        keep = (pos < p0).view(1, -1, *([1] * (x.ndim - 2)))
-        return torch.where(keep, x, fn(x))
-
-    return hook
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("p0", [1, 5, SEQ - 1])
-def test_prefix_kv_matches_full_run(model, p0):
-    toks, logits, cache = clean_run(model, seed=4, shared_prefix=p0)
-    fast = FastForward(model)
-    last = model.cfg.n_layers - 1
-    edit = later_than(p0, lambda v: v * -1.5)  # confined to positions >= p0
-    edited = model.run_with_hooks(toks, fwd_hooks=[(f"blocks.{last}.attn.hook_v", edit)])
-    for start in range(model.cfg.n_layers):
-        prefix = prefix_kv_from_cache(cache, start, p0, model)
-        resid = cache[f"blocks.{start}.hook_resid_pre"][:, p0:]
-        names = [n for n in hook_names(model, fast) if int(n.split(".")[1]) >= start]
-        seen = {}
-        hooks = {n: recorder(seen) for n in names}
-        got = fast.run(resid, start, offset=p0, prefix_kv=prefix, hooks=hooks)
-        torch.testing.assert_close(got, logits[:, p0:], atol=ATOL, rtol=0)
-        for name in names:
-            pattern_like = name.endswith(("hook_pattern", "hook_attn_scores"))
-            want = cache[name][:, :, p0:] if pattern_like else cache[name][:, p0:]
-            torch.testing.assert_close(seen[name], want, atol=ATOL, rtol=0, msg=name)
-
-        # The rows share their first p0 tokens, so a one-row prefix broadcasts.
-        shared = [(k[:1], v[:1]) for k, v in prefix]
-        read_pos = torch.tensor([SEQ - 1, p0, SEQ - 1])
-        hooks = {f"blocks.{last}.attn.hook_v": edit}
-        got = fast.run(resid, start, offset=p0, prefix_kv=shared, hooks=hooks, read_pos=read_pos)
-        torch.testing.assert_close(got[:, 0], edited[torch.arange(BATCH), read_pos], atol=ATOL, rtol=0)
 
 
 # Per-row mode: 2 variants x BATCH prompts; row r is prompt r % BATCH, computed from position
@@ -264,6 +278,8 @@ def rows_from(layer, pos_axis, fn, active, starts):
         cols = torch.arange(x.shape[pos_axis])
         sel = (cols >= active.unsqueeze(-1)) & (starts <= layer).unsqueeze(-1)  # [rows, pos]
         sel = sel.view(x.shape[0], *([1] * (pos_axis - 1)), x.shape[pos_axis], *([1] * (x.ndim - pos_axis - 1)))
+        if hook.name.endswith(("hook_resid_mid", "ln2.hook_in")):  # in place: the MLP and the residual see it
+            return x.copy_(torch.where(sel, fn(x), x))
         return torch.where(sel, fn(x), x)
 
     return hook
@@ -315,7 +331,8 @@ def test_per_row_mode_hooks_see_the_unpatched_run_at_computed_positions(any_mode
     assert got.shape == (BATCH, 1, model.cfg.d_vocab)
     for name in names:
         assert seen[name].shape == cache[name].shape, name
-        pattern_like = name.endswith(("hook_pattern", "hook_attn_scores"))
+        heads_first = name.endswith(("hook_q_normed", "hook_k_normed")) and seen[name].ndim == 4  # not OLMo-2's
+        pattern_like = heads_first or name.endswith(("hook_pattern", "hook_attn_scores"))
         for r in range(BATCH):
             a = int(active[r])
             want = cache[name][r, :, a:] if pattern_like else cache[name][r, a:]
@@ -350,9 +367,6 @@ def test_per_row_mode_refuses_bad_inputs(llama_model):
         fast.run(resid, 0, read_pos=end, active_from=active, frozen_kv=frozen[:1])
     with pytest.raises(HookpatchError, match=r"active_from must lie in \[0, 12\)"):
         fast.run(resid, 0, read_pos=end, active_from=torch.tensor([0, 4, SEQ]), frozen_kv=frozen)
-    with pytest.raises(HookpatchError, match="are alternatives"):
-        fast.run(resid[:, 2:], 0, read_pos=end, offset=2, prefix_kv=prefix_kv_from_cache(cache, 0, 2, model),
-                 active_from=active, frozen_kv=frozen)
     with pytest.raises(HookpatchError, match="only read with active_from"):
         fast.run(resid, 0, frozen_kv=frozen)
     with pytest.raises(HookpatchError, match="start per row needs active_from"):
@@ -361,7 +375,39 @@ def test_per_row_mode_refuses_bad_inputs(llama_model):
         fast.run(resid, torch.tensor([0, 3, 0]), read_pos=end, active_from=active, frozen_kv=frozen)
 
 
-def test_supports_both_families_and_refuses_others(gpt2_model, llama_model, monkeypatch):
+@torch.no_grad()
+@pytest.mark.parametrize("point", ["blocks.0.attn.hook_q_normed", "blocks.1.attn.hook_k_normed"])
+def test_qk_norm_hook_points_match_the_bridge(qwen3_model, point):
+    """Qwen3's normed q and k (``[batch, head, pos, d_head]``, as the bridge fires them):
+    an edit of one head, dense and per row from a frozen prefix."""
+    model = qwen3_model
+    toks, logits, cache = clean_run(model, seed=6)
+    fast = FastForward(model)
+    fn = head_slice(1, 1, lambda x: x.flip(-1))
+    expected = model.run_with_hooks(toks, fwd_hooks=[(point, fn)])
+    got = fast.run(cache["blocks.0.hook_resid_pre"], 0, hooks={point: fn})
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    assert (got - logits).abs().max() > 1e-3
+    layer, active, start = int(point.split(".")[1]), ACTIVE[:BATCH], torch.tensor([0, 1, 0])
+    edit = lambda x: fn(x, None)  # noqa: E731
+    resid = torch.stack([resid_at(cache, model, int(s))[r] for r, s in enumerate(start)])
+    got = fast.run(resid, start, hooks={point: rows_from(layer, 2, edit, active, start)},
+                   read_pos=torch.full((BATCH,), SEQ - 1), active_from=active,
+                   frozen_kv=frozen_kv_from_cache(cache, 0, model))
+    for r in range(BATCH):
+        ref_hook = rows_from(layer, 2, edit, active[r : r + 1], start[r : r + 1])
+        want = model.run_with_hooks(toks[r : r + 1], fwd_hooks=[(point, ref_hook)])[0, SEQ - 1]
+        torch.testing.assert_close(got[r, 0], want, atol=ATOL, rtol=0, msg=f"row {r}")
+
+
+def test_variants_and_refusals(request, gpt2_model, llama_model, qwen3_model, gemma2_model, monkeypatch):
+    """Each family runs on its own variant; Gemma's final soft cap is exposed; flags and
+    layouts no variant reproduces are refused with the reason."""
+    for name in ("gpt2", "llama", *NEW_VARIANTS):
+        fast = FastForward(request.getfixturevalue(f"{name}_model"))
+        family_variant = {"qwen2": "llama", "mistral": "llama", "gemma3": "gemma2", "olmo2": "qwen3"}
+        assert fast.variant == family_variant.get(name, name)
+        assert fast.final_softcap == (8.0 if name.startswith("gemma") else None)
     assert FastForward.supports(gpt2_model) and FastForward.supports(llama_model)
     assert not FastForward.supports(object())
     with pytest.raises(HookpatchError, match="not a TransformerBridge"):
@@ -371,9 +417,17 @@ def test_supports_both_families_and_refuses_others(gpt2_model, llama_model, monk
     with pytest.raises(HookpatchError, match="soft-capped"):
         FastForward(gpt2_model)
     monkeypatch.undo()
-    monkeypatch.setattr(llama_model.cfg, "use_attn_result", True)
-    with pytest.raises(HookpatchError, match="use_attn_result"):
+    monkeypatch.setattr(llama_model.cfg, "parallel_attn_mlp", True)
+    with pytest.raises(HookpatchError, match="parallel_attn_mlp"):
         FastForward(llama_model)
+    monkeypatch.undo()
+    monkeypatch.setattr(gemma2_model.blocks[1].attn.original_component, "sinks", torch.zeros(4), raising=False)
+    with pytest.raises(HookpatchError, match="attention has sinks"):
+        FastForward(gemma2_model)
+    monkeypatch.undo()
+    monkeypatch.setattr(qwen3_model.cfg, "qk_norm_after_rope", True)
+    with pytest.raises(HookpatchError, match="qk_norm_after_rope"):
+        FastForward(qwen3_model)
 
 
 @torch.no_grad()
@@ -384,24 +438,23 @@ def test_bad_arguments_are_refused(llama_model):
         fast.run(resid, 0, hooks={"blocks.0.hook_resid_pre_typo": lambda x, h: x})
     with pytest.raises(HookpatchError, match="before start"):
         fast.run(resid, 1, hooks={"blocks.0.hook_resid_post": lambda x, h: x})
-    with pytest.raises(HookpatchError, match="needs prefix_kv"):
-        fast.run(resid, 0, offset=2)
     with pytest.raises(HookpatchError, match="read_pos"):
         fast.run(resid, 0, read_pos=torch.tensor([SEQ, 0, 0]))
     with pytest.raises(HookpatchError, match="same shape"):
         fast.run(resid, 0, hooks={"blocks.0.attn.hook_z": lambda z, h: z.sum(2)})
     with pytest.raises(HookpatchError, match="the cache lacks"):
-        prefix_kv_from_cache({}, 0, 2, llama_model)
+        frozen_kv_from_cache({}, 0, llama_model)
 
 
 @pytest.mark.parametrize("component", ["z", "mlp_out", "k"])
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_run_with_cache_equals_the_bridge(family, component, gpt2_model, llama_model):
-    """The sweep's caches: the fast runner's full forward from the embeddings."""
+@pytest.mark.parametrize("family", ["gpt2", "llama", *NEW_VARIANTS])
+def test_run_with_cache_equals_the_bridge(family, component, request):
+    """The sweep's caches: the fast runner's full forward from the embeddings (Gemma 2's
+    scaled embedding and final soft cap included)."""
     from hookpatch.sweeps.engine import fast_cache_names
     from hookpatch.tasks.pronoun import pronoun_prompts
 
-    model = {"gpt2": gpt2_model, "llama": llama_model}[family]
+    model = request.getfixturevalue(f"{family}_model")
     prompts = pronoun_prompts(model, n=4)
     fast = FastForward(model)
     n = model.cfg.n_layers
@@ -411,47 +464,83 @@ def test_run_with_cache_equals_the_bridge(family, component, gpt2_model, llama_m
     assert torch.allclose(logits, ref_logits, atol=1e-5)
     assert sorted(cache) == sorted(names)
     for name in names:
-        assert torch.allclose(cache[name], ref[name], atol=1e-5), name
+        torch.testing.assert_close(cache[name], ref[name], atol=ATOL, rtol=1e-5, msg=name)
     at_end, _ = fast.run_with_cache(prompts.clean_tokens, names, read_pos=prompts.end)
     assert at_end.shape == (4, 1, model.cfg.d_vocab)
     assert torch.allclose(at_end[:, 0], ref_logits[torch.arange(4), prompts.end], atol=1e-5)
 
 
-@pytest.mark.parametrize("edits_residual", [False, True])
+FLAG_EDITS = {  # hook point -> out-of-place edit; each touches one head where it has heads
+    "blocks.0.hook_q_input": head_slice(1, 2, lambda x: x.roll(1, -1)),  # not affine: a norm follows
+    "blocks.1.hook_k_input": head_slice(1, 2, lambda x: x.flip(-1)),  # KV head 1 under GQA
+    "blocks.0.hook_v_input": head_slice(0, 2, lambda x: x.roll(3, -1)),
+    "blocks.1.attn.hook_result": head_slice(0, 2, torch.zeros_like),
+    "blocks.0.hook_mlp_in": lambda x, hook: x + x.flip(-1),  # reaches the MLP, not the residual
+}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("point", sorted(FLAG_EDITS))
+def test_flag_hook_points_match_the_bridge_with_its_flags_on(any_model, point):
+    """Per-head inputs, per-head results and the MLP input: what they hold and what an edit
+    does, against the bridge with use_split_qkv_input / use_attn_result / use_hook_mlp_in on.
+    Dense from block 0, and per row from a frozen prefix."""
+    model = any_model
+    toks, logits, cache = clean_run(model, seed=5)
+    fast = FastForward(model)
+    seen, ref_seen = {}, {}
+    fn = FLAG_EDITS[point]
+    with bridge_flags(model):
+        expected = model.run_with_hooks(toks, fwd_hooks=[(point, recorder(ref_seen)), (point, fn)])
+        got = fast.run(cache["blocks.0.hook_resid_pre"], 0, hooks={point: lambda x, h: fn(recorder(seen)(x, h), h)})
+        torch.testing.assert_close(seen[point], ref_seen[point], atol=ATOL, rtol=0)
+        torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+        assert (got - logits).abs().max() > 1e-3  # the edit matters
+
+        active, rows = ACTIVE[:BATCH], torch.arange(BATCH)
+        layer = int(point.split(".")[1])
+        start = torch.tensor([0, layer, 0])
+        hooks = {point: rows_from(layer, 1, lambda x: fn(x, None), active, start)}
+        resid = torch.stack([resid_at(cache, model, int(s))[r] for s, r in zip(start, rows, strict=True)])
+        got = fast.run(resid, start, hooks=hooks, read_pos=torch.full((BATCH,), SEQ - 1), active_from=active,
+                       frozen_kv=frozen_kv_from_cache(cache, 0, model))
+        for r in range(BATCH):
+            ref_hook = rows_from(layer, 1, lambda x: fn(x, None), active[r : r + 1], start[r : r + 1])
+            want = model.run_with_hooks(toks[r : r + 1], fwd_hooks=[(point, ref_hook)])[0, SEQ - 1]
+            torch.testing.assert_close(got[r, 0], want, atol=ATOL, rtol=0, msg=f"row {r}")
+
+
+BASE = {  # resume point -> the residual stream resume_block adds to (None: not read)
+    "attn.hook_z": "hook_resid_pre", "hook_attn_out": "hook_resid_pre",
+    "hook_resid_mid": None, "hook_mlp_out": "hook_resid_mid", "hook_resid_post": None,
+}
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("point", RESUME_POINTS)
-def test_resume_block_finishes_the_block_as_run_does(any_model, point, edits_residual):
-    """From an edited activation after attention, the rest of the block as run() computes it."""
-    torch.manual_seed(0)
-    fast = FastForward(any_model, resid_mid_edits_residual=edits_residual)
-    tokens = tokens_for(any_model)
-    B, P = tokens.shape
-    layer = any_model.cfg.n_layers - 1
-    name = f"blocks.{layer}.{point}"
+def test_resume_block_finishes_the_block_as_the_bridge_does(any_model, point):
+    """From an edited activation after attention, the rest of the block as the bridge computes
+    it (the edit made in place, so at hook_resid_mid it reaches the MLP and the residual)."""
+    model = any_model
+    toks, _, cache = clean_run(model, seed=0)
+    layer = model.cfg.n_layers - 1
+    noise = 0.5 * torch.randn(cache[f"blocks.{layer}.{point}"].shape, generator=torch.Generator().manual_seed(0))
     seen: dict[str, torch.Tensor] = {}
 
     def edit(act, hook):
-        seen["act"] = act = act + 0.5 * torch.randn_like(act)
+        act.add_(noise)
+        seen["act"] = act.clone()
         return act
 
     def keep(act, hook):
-        seen[hook.name] = act.clone()
+        seen["post"] = act.clone()
 
-    keepers = [f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.hook_resid_post"]
-    if point != "hook_resid_mid":  # the unedited resid_mid: capture it where it is not edited
-        keepers.append(f"blocks.{layer}.hook_resid_mid")
-    with torch.no_grad():
-        fast.run(fast.embed(tokens), 0, hooks={**{k: keep for k in keepers}, name: edit})
-        if point == "hook_resid_mid":
-            _, clean = fast.run_with_cache(tokens, [f"blocks.{layer}.hook_resid_mid"])
-            seen[f"blocks.{layer}.hook_resid_mid"] = clean[f"blocks.{layer}.hook_resid_mid"]
-        base = {
-            "attn.hook_z": "hook_resid_pre", "hook_attn_out": "hook_resid_pre",
-            "hook_resid_mid": "hook_resid_mid", "hook_mlp_out": "hook_resid_mid", "hook_resid_post": None,
-        }[point]
-        resid = None if base is None else seen[f"blocks.{layer}.{base}"].flatten(0, 1)
-        out = fast.resume_block(layer, point, resid, seen["act"].flatten(0, 1))
-    assert out.shape == (B * P, any_model.cfg.d_model)
-    post = seen["act"] if point == "hook_resid_post" else seen[f"blocks.{layer}.hook_resid_post"]
-    assert torch.allclose(out, post.flatten(0, 1), atol=1e-5)
+    model.run_with_hooks(toks, fwd_hooks=[(f"blocks.{layer}.{point}", edit), (f"blocks.{layer}.hook_resid_post", keep)])
+    base = BASE[point]
+    resid = None if base is None else cache[f"blocks.{layer}.{base}"].flatten(0, 1)
+    fast = FastForward(model)
+    out = fast.resume_block(layer, point, resid, seen["act"].flatten(0, 1))
+    assert out.shape == (BATCH * SEQ, model.cfg.d_model)
+    torch.testing.assert_close(out, seen["post"].flatten(0, 1), atol=ATOL, rtol=0)
     with pytest.raises(HookpatchError, match="is not one of"):
         fast.resume_block(layer, "attn.hook_q", resid, seen["act"].flatten(0, 1))

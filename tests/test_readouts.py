@@ -65,7 +65,7 @@ def test_dla_parts_sum_to_the_metric(model):
         dla = dla_by_component(model, prompts, metric)
         labels = dla.labels["component"]
         assert labels[0] == "embed" and labels[-1] == f"{model.cfg.n_layers - 1}_mlp_out"
-        total = dla.values.sum(0) + torch.tensor(dla.info["bias"])
+        total = dla.values.sum(0) + dla.terms["bias"]
         assert torch.allclose(total, dla.clean, atol=ATOL)
 
 
@@ -83,7 +83,7 @@ def test_head_dla_equals_transformerlens_stack_head_results(model):
     parts = dla_by_component(model, prompts, metric)
     for layer in range(model.cfg.n_layers):
         attn = parts.values[parts.labels["component"].index(f"{layer}_attn_out")]
-        total = heads.values[layer].sum(0) + torch.tensor(heads.info["attn_bias"][layer])
+        total = heads.values[layer].sum(0) + heads.terms["attn_bias"][layer]
         assert torch.allclose(total, attn, atol=ATOL)
 
 
@@ -95,7 +95,7 @@ def test_neuron_dla_sums_to_the_mlp_output(model):
         neurons = dla_by_neuron(model, prompts, metric, layer)
         assert neurons.values.shape == (model.blocks[layer].mlp.W_out.shape[0], len(prompts))
         mlp = parts.values[parts.labels["component"].index(f"{layer}_mlp_out")]
-        assert torch.allclose(neurons.values.sum(0) + torch.tensor(neurons.info["mlp_bias"]), mlp, atol=ATOL)
+        assert torch.allclose(neurons.values.sum(0) + neurons.terms["mlp_bias"], mlp, atol=ATOL)
     table = top_neurons(neurons, 3)
     means = neurons.mean()
     assert table["mean"].abs().tolist() == pytest.approx(means.abs().topk(3).values.tolist())

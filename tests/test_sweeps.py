@@ -212,10 +212,10 @@ def test_grouped_query_kv_sweeps_run_over_kv_heads(llama_model, small_prompts):
     prompts = small_prompts[id(llama_model)]
     result = patch_sweep(llama_model, prompts, LogitDiff(prompts), "v", by=("layer", "head"), progress=False)
     assert result.labels["head"] == ("KV0", "KV1")
-    assert result.info["kv_head_feeds"] == {"KV0": ["H0", "H1"], "KV1": ["H2", "H3"]}
+    assert result.provenance.grid.kv_head_feeds == (("KV0", ("H0", "H1")), ("KV1", ("H2", "H3")))
     assert result.cell_label((1, 1)) == "L1KV1"
     z = patch_sweep(llama_model, prompts, LogitDiff(prompts), "z", by=("layer", "head"), progress=False)
-    assert z.labels["head"] == ("H0", "H1", "H2", "H3") and "kv_head_feeds" not in z.info
+    assert z.labels["head"] == ("H0", "H1", "H2", "H3") and z.provenance.grid.kv_head_feeds is None
 
 
 @pytest.mark.parametrize("how", ["zero", "mean", "resample"])
@@ -285,10 +285,11 @@ def test_result_labels_dataframe_and_save_load(gpt2_model, tmp_path):
     path = tmp_path / "r.pt"
     result.save(path)
     back = SweepResult.load(path)
-    assert torch.equal(back.values, result.values) and back.labels == result.labels and back.info == result.info
+    assert torch.equal(back.values, result.values) and back.labels == result.labels
+    assert back.provenance == result.provenance and back.kind == "patched_metric"
     pos = patch_sweep(gpt2_model, prompts, LogitDiff(prompts), "resid_pre", progress=False)
     assert pos.labels["pos"][1] == "1: " + prompts.clean_str_tokens[0][1] + " (NAME)"
-    assert result.info["direction"] == "denoising" and result.info["metric"]["name"] == "logit_diff"
+    assert result.provenance.direction == "denoising" and result.provenance.metric.name == "logit_diff"
     assert torch.allclose(result.clean, LogitDiff(prompts)(gpt2_model(prompts.clean_tokens)))
 
 
@@ -380,4 +381,4 @@ def test_padding_position_and_length_mismatch_are_refused(gpt2_model):
 def test_kv_heads_of_a_model_without_grouping_are_plain_heads(gpt2_model, small_prompts):
     prompts = small_prompts[id(gpt2_model)]
     result = patch_sweep(gpt2_model, prompts, LogitDiff(prompts), "k", by=("layer", "head"), progress=False)
-    assert result.labels["head"] == ("H0", "H1", "H2", "H3") and "kv_head_feeds" not in result.info
+    assert result.labels["head"] == ("H0", "H1", "H2", "H3") and result.provenance.grid.kv_head_feeds is None

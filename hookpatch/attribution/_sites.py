@@ -37,14 +37,15 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hookpatch.checks import IntLike, as_count, require_finite_runs, require_metric_values
+from hookpatch.checks import IntLike, as_count, as_metric, require_finite_runs, require_metric_values
 from hookpatch.errors import HookpatchError
 from hookpatch.metrics.base import Metric
+from hookpatch.model.facts import edits_in_place
 from hookpatch.model.loading import require_eval
 from hookpatch.tasks.promptset import PromptSet
 
 DIRECTIONS = ("denoising", "noising")
-MetricLike = Metric | Callable[[Tensor], Tensor]
+MetricLike = Metric | Callable[[Tensor], Tensor]  # what public calls accept; wrapped by as_metric
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,7 @@ def site_attributions(
         progress: show a progress bar over IG passes.
     """
     steps, steps_per_pass = check_options(direction, steps, steps_per_pass)
+    metric = as_metric(metric, prompts)
     require_eval(model)
     if torch.is_inference_mode_enabled():
         raise HookpatchError(
@@ -171,7 +173,7 @@ _LATE_SITES = ("ln_final.", "unembed.", "hook_unembed")
 def run_metric(
     model: Any,
     tokens: Int[Tensor, "rows pos"],
-    metric: MetricLike,
+    metric: Metric,
     fwd_hooks: Sequence[tuple[str, Callable[..., Any]]],
     sites: Sequence[str],
     lead: tuple[int, ...] = (),
@@ -179,14 +181,16 @@ def run_metric(
     """The metric of one forward of ``tokens`` under ``fwd_hooks``, ``[*lead, batch]`` (``tokens``
     stacks ``prod(lead)`` copies of the prompts).
 
-    For a :class:`Metric` (and no site at or after the final norm) the forward stops at the
-    unembedding's input and only the read positions are unembedded, a linear metric through
-    its directions, so neither the forward nor the backward pays for logits nobody reads. A
-    plain callable gets the full logits.
+    Where the metric reads fewer than all positions (and no site is at or after the final
+    norm) the forward stops at the unembedding's input and only the read positions are
+    unembedded, a linear metric through its directions, so neither the forward nor the
+    backward pays for logits nobody reads. A metric reading every position (a wrapped plain
+    callable) gets the model's full logits.
     """
     rows = int(tokens.shape[0])
     batch = rows // math.prod(lead)
-    if not isinstance(metric, Metric) or any(n.startswith(_LATE_SITES) for n in sites):
+    reads = metric.reads  # [batch, n_read]
+    if reads.shape[-1] >= tokens.shape[-1] or any(n.startswith(_LATE_SITES) for n in sites):
         with model.hooks(fwd_hooks=list(fwd_hooks)):
             logits = model(tokens)
         return metric(logits.reshape(*lead, batch, *logits.shape[1:]))
@@ -204,13 +208,13 @@ def run_metric(
     if "final" not in held:
         raise HookpatchError("the model's forward never reached 'unembed.hook_in'; is it a TransformerBridge?")
     final = held["final"]  # [rows, pos, d_model]: the unembedding's input
-    read = metric.read_positions.to(final.device).repeat(rows // batch)
-    final = final[torch.arange(rows, device=final.device), read].reshape(*lead, batch, -1)
-    return metric.from_unembed_input(final, model)
+    read = reads.to(final.device).repeat(rows // batch, 1)  # [rows, n_read]
+    final = final[torch.arange(rows, device=final.device).unsqueeze(-1), read]  # [rows, n_read, d_model]
+    return metric.from_read_inputs(final.reshape(*lead, batch, *final.shape[1:]), model)
 
 
 def capture(
-    model: Any, tokens: Int[Tensor, "batch pos"], names: Sequence[str], metric: MetricLike
+    model: Any, tokens: Int[Tensor, "batch pos"], names: Sequence[str], metric: Metric
 ) -> tuple[Float[Tensor, " batch"], dict[str, Tensor]]:
     """One no-grad forward: the metric and a detached copy of the activation at each hook."""
     acts: dict[str, Tensor] = {}
@@ -228,7 +232,7 @@ def capture(
 
 
 def atp_gradients(
-    model: Any, tokens: Int[Tensor, "batch pos"], names: Sequence[str], metric: MetricLike
+    model: Any, tokens: Int[Tensor, "batch pos"], names: Sequence[str], metric: Metric
 ) -> tuple[Float[Tensor, " batch"], dict[str, Tensor], dict[str, Tensor]]:
     """One forward + backward on ``tokens``: metric, activations and d metric / d activation.
 
@@ -242,7 +246,7 @@ def atp_gradients(
         def hook(act: Tensor, hook: Any) -> Tensor:
             delta = _zero_leaf(act, name)
             deltas[name], acts[name] = delta, act.detach().clone()
-            return _add_in_place(act, delta)
+            return _add_in_place(act, delta, name)
 
         return hook
 
@@ -259,7 +263,7 @@ def ig_gradients(
     model: Any,
     tokens: Int[Tensor, "batch pos"],
     diffs: Mapping[str, Tensor],
-    metric: MetricLike,
+    metric: Metric,
     steps: int,
     steps_per_pass: int,
     progress: bool,
@@ -292,7 +296,7 @@ def _interpolated_gradient(
     name: str,
     diff: Tensor,
     alphas: Float[Tensor, " step"],
-    metric: MetricLike,
+    metric: Metric,
     batch: int,
 ) -> Tensor:
     """Sum over ``alphas`` of the gradient at ``name`` with its activation shifted by ``alpha · diff``."""
@@ -303,7 +307,7 @@ def _interpolated_gradient(
         shift = (alphas.view(n, 1, *([1] * (diff.ndim - 1))) * diff.unsqueeze(0).float()).to(act.dtype)
         delta = _zero_leaf(act, name)
         holder[name] = delta
-        return _add_in_place(act, shift.reshape(act.shape) + delta)
+        return _add_in_place(act, shift.reshape(act.shape) + delta, name)
 
     with torch.enable_grad():
         values = run_metric(model, tokens.repeat(n, 1), metric, [(name, hook)], [name], lead=(n,))
@@ -313,11 +317,13 @@ def _interpolated_gradient(
     return _named_grads([name], [grad])[name].reshape(n, *diff.shape).sum(0)
 
 
-def _add_in_place(act: Tensor, delta: Tensor) -> Tensor:
-    """``act`` with ``delta`` added in place, returned: the edit activation patching makes,
+def _add_in_place(act: Tensor, delta: Tensor, name: str) -> Tensor:
+    """``act`` with ``delta`` added the way activation patching edits hook ``name``: in place,
     so it reaches every reader of the activation (a returned ``act + delta`` would miss the
-    residual skip at ``hook_resid_mid``; see the module docstring)."""
-    return act.add_(delta)
+    residual skip at ``hook_resid_mid``; see the module docstring), or, where the component
+    table says the hooked tensor is shared (``hook_mlp_in`` receives ``resid_mid`` itself),
+    as a new tensor that only the branch behind the hook reads."""
+    return act.add_(delta) if edits_in_place(name) else act + delta
 
 
 def _zero_leaf(act: Tensor, name: str) -> Tensor:

@@ -34,7 +34,7 @@ IG is ``n_layers × ceil(N / steps_per_pass)`` forward + backward passes of
 gradient of ``metric(logits).sum()`` is each prompt's own gradient.
 
 Grouped-query attention: ``k`` and ``v`` are attributed per KV head (labels ``"KV0"``),
-``q``/``z``/``pattern`` per query head (``"H3"``); ``info["kv_head_feeds"]`` lists the query
+``q``/``z``/``pattern`` per query head (``"H3"``); ``provenance.grid.kv_head_feeds`` lists the query
 heads each KV head feeds.
 """
 
@@ -47,10 +47,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from hookpatch._provenance import Provenance, grid_facts, run_facts
 from hookpatch.attribution._sites import MetricLike, check_options, n_passes, site_attributions
-from hookpatch.checks import IntLike, IntsLike, metric_name, require_finite_result, require_metric
-from hookpatch.metrics.base import Metric
-from hookpatch.model.facts import component_info
+from hookpatch.checks import IntLike, IntsLike, as_metric, metric_name, require_finite_result
+from hookpatch.model.facts import component_info, hook_flags
 from hookpatch.model.loading import require_eval
 from hookpatch.results import SweepResult
 from hookpatch.sweeps.grid import Grid
@@ -98,39 +98,41 @@ def attribution_sweep(
 
     Returns:
         A :class:`SweepResult` whose ``values[*grid, batch]`` are estimated metric changes
-        (patched − unpatched); ``info`` has method, steps, direction, component, metric.
+        (patched − unpatched); its ``provenance`` has kind ``"attribution_estimate"``, method,
+        steps, direction, component, metric and grid.
     """
     steps, steps_per_pass = check_options(direction, steps, steps_per_pass)
     require_eval(model)
-    require_metric(metric, prompts)
+    metric = as_metric(metric, prompts)
     grid = Grid.build(model, prompts, component, by, layers, positions, heads)
     columns = grid.columns(prompts) if "pos" in grid.by else None
     hook = component_info(component).hook_name
-    sites = site_attributions(
-        model, prompts, metric, [hook(layer) for layer in grid.layers], direction=direction,
-        steps=steps, steps_per_pass=steps_per_pass, progress=progress,
-    )
+    with hook_flags(model, [component]):  # e.g. hook_result fires only with use_attn_result
+        sites = site_attributions(
+            model, prompts, metric, [hook(layer) for layer in grid.layers], direction=direction,
+            steps=steps, steps_per_pass=steps_per_pass, progress=progress,
+        )
     values = torch.stack([_reduce(grid, columns, sites.attributions[hook(layer)].cpu()) for layer in grid.layers])
     base, target = sites.base, sites.target
     clean, corrupted = (target, base) if direction == "denoising" else (base, target)
-    info: dict[str, Any] = {
-        "method": "attribution" if steps == 1 else "integrated_gradients",
-        "steps": steps,
-        "direction": direction,
-        "component": component,
-        "metric": metric.describe() if isinstance(metric, Metric) else {"name": getattr(metric, "__name__", "metric")},
-        "task": prompts.task,
-        "values": "estimated metric change, patched - unpatched (per prompt)",
-        "passes": n_passes(len(grid.layers), steps, steps_per_pass),
-        **grid.info(),
-    }
+    provenance = Provenance(
+        kind="attribution_estimate",
+        method="attribution" if steps == 1 else "integrated_gradients",
+        component=component,
+        direction=direction,
+        steps=steps,
+        passes=n_passes(len(grid.layers), steps, steps_per_pass),
+        runner="bridge",
+        grid=grid_facts(grid),
+        **run_facts(model, prompts, metric),
+    )
     result = SweepResult(
         values=values.reshape(*grid.shape, len(prompts)),
         axes=grid.by,
         labels=grid.labels,
         clean=clean,
         corrupted=corrupted,
-        info=info,
+        provenance=provenance,
     )
     require_finite_result(result, f"the attribution of {metric_name(metric)} (its gradient)")
     return result
@@ -155,7 +157,7 @@ def integrated_gradients_sweep(
 
 def _reduce(grid: Grid, columns: Tensor | None, attribution: Float[Tensor, "batch ..."]) -> Float[Tensor, "..."]:
     """One site's element-wise attribution summed onto the grid cells: ``[*cells, batch]``."""
-    per_pos = _per_position(attribution, grid.component)  # [batch, pos] or [batch, pos, head]
+    per_pos = component_info(grid.component).per_position(attribution)  # [batch, pos] or [batch, pos, head]
     if grid.heads is not None:
         per_pos = per_pos[:, :, list(grid.heads)]
     elif per_pos.ndim == 3:
@@ -168,10 +170,3 @@ def _reduce(grid: Grid, columns: Tensor | None, attribution: Float[Tensor, "batc
             index = index.unsqueeze(-1).expand(-1, -1, per_pos.shape[-1])
         out = per_pos.gather(1, index)  # [batch, n_pos(, head)]
     return out.movedim(0, -1)
-
-
-def _per_position(attribution: Tensor, component: str) -> Tensor:
-    """``[batch, pos]`` (residual-width components) or ``[batch, pos, head]`` sums."""
-    if component == "pattern":  # [batch, head, query_pos, key_pos] → sum keys → [batch, query_pos, head]
-        return attribution.sum(-1).transpose(1, 2)
-    return attribution.sum(-1)

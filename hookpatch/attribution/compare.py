@@ -33,7 +33,7 @@ from torch import Tensor
 from hookpatch._summary import axes_line, what_was_done
 from hookpatch.attribution._sites import MetricLike, check_options
 from hookpatch.attribution.atp import attribution_sweep
-from hookpatch.checks import IntLike, IntsLike, as_int
+from hookpatch.checks import IntLike, IntsLike, as_int, as_metric
 from hookpatch.errors import HookpatchError
 from hookpatch.results import SweepResult
 from hookpatch.stats import check_bootstrap
@@ -88,7 +88,7 @@ class Comparison:
         worst = tuple(int(i) for i in torch.unravel_index(gap.argmax(), gap.shape))
         stats = [f"{name} {stat!r}" for name, stat in self.statistics().items()]
         return "\n".join([
-            f"Comparison({self.activation.info.get('method', 'patch')} vs {what_was_done(res.info)}, "
+            f"Comparison({self.activation.provenance.method} vs {what_was_done(res.provenance)}, "
             f"{res.values.shape[-1]} prompts",
             f"  axes: {axes_line(res.axes, res.labels)}",
             f"  {', '.join(stats[:2])}",
@@ -150,6 +150,7 @@ def compare(
     seed: IntLike = 0,
     fast: bool | None = None,
     progress: bool = True,
+    executor: Any = None,
 ) -> Comparison:
     """Run activation patching and attribution (``steps`` > 1: IG) on one grid and compare them.
 
@@ -168,18 +169,20 @@ def compare(
         sign_tol: values with ``|x| <= sign_tol`` count as sign 0 in the sign agreement.
         level, n_resamples, seed: the bootstrap over prompts.
         fast: activation patching's runner choice. progress: progress bars.
+        executor: runs activation patching's jobs (default: in order, in this process).
     """
     from hookpatch.sweeps.patching import patch_sweep
 
     cells = math.prod(Grid.build(model, prompts, component, by, layers, positions, heads).shape)
     _check_statistics(k, sign_tol, level, n_resamples, seed, cells)  # before minutes of sweeping
     steps, steps_per_pass = check_options(direction, steps, steps_per_pass)
+    metric = as_metric(metric, prompts)  # wrapped once for both methods
     grid = dict(by=by, direction=direction, layers=layers, positions=positions, heads=heads, progress=progress)
     # attribution first: it refuses a metric without gradients after a few passes, not a whole sweep
     attribution = attribution_sweep(
         model, prompts, metric, component, steps=steps, steps_per_pass=steps_per_pass, **grid
     )
-    activation = patch_sweep(model, prompts, metric, component, fast=fast, **grid)
+    activation = patch_sweep(model, prompts, metric, component, fast=fast, executor=executor, **grid)
     return compare_results(
         activation, attribution, k=k, sign_tol=sign_tol, level=level, n_resamples=n_resamples, seed=seed
     )
@@ -250,10 +253,10 @@ def _check_statistics(
 
 
 def _check_pair(activation: SweepResult, attribution: SweepResult) -> None:
-    if activation.info.get("method") != "patch":
+    if activation.provenance.method != "patch":
         raise HookpatchError(
             f"activation= must be an activation-patching result (patch_sweep); got a "
-            f"{activation.info.get('method', 'unlabelled')!r} result. Attribution estimates the "
+            f"{activation.provenance.method_label!r} result. Attribution estimates the "
             "effect of patching, so compare it with patch_sweep in the same direction."
         )
     if activation.axes != attribution.axes or dict(activation.labels) != dict(attribution.labels):
@@ -266,8 +269,13 @@ def _check_pair(activation: SweepResult, attribution: SweepResult) -> None:
             f"values shaped {tuple(activation.values.shape)} and {tuple(attribution.values.shape)} differ; "
             "run both on the same prompt set."
         )
-    for key in ("component", "direction"):
-        a, b = activation.info.get(key), attribution.info.get(key)
+    if attribution.provenance.kind != "attribution_estimate":
+        raise HookpatchError(
+            f"attribution= must be an attribution result (attribution_sweep); got a "
+            f"{attribution.provenance.method_label!r} result."
+        )
+    for key in ("component", "direction", "prompts_fingerprint"):
+        a, b = getattr(activation.provenance, key), getattr(attribution.provenance, key)
         if a is not None and b is not None and a != b:
             raise HookpatchError(f"activation patching used {key}={a!r} but attribution {key}={b!r}; use the same.")
 

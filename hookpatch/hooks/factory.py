@@ -5,7 +5,9 @@ Each factory returns ``(hook_name, hook)`` for ``model.run_with_hooks(fwd_hooks=
 tensors and ints, so it pickles and never holds a model or a cache. Hooks write into the
 activation in place and return it, as TransformerLens' own patching does: a
 TransformerBridge propagates a *returned* new ``hook_resid_mid`` to only one of its two
-readers (the MLP input or the residual), while an in-place edit reaches both. The source
+readers (the MLP input or the residual), while an in-place edit reaches both. The one
+exception is ``mlp_in``, whose hook receives ``resid_mid`` itself: there a patch returns a
+new tensor so that only the MLP branch sees it (the table's ``in_place``). The source
 tensors and any cache are never modified.
 """
 
@@ -20,8 +22,8 @@ from torch import Tensor
 
 from hookpatch.checks import IntLike, as_int
 from hookpatch.errors import HookpatchError
-from hookpatch.hooks.selection import Heads, Positions, activation_mask, per_prompt_positions, pos_dim
-from hookpatch.model.facts import component_info, model_facts
+from hookpatch.hooks.selection import Heads, Positions, activation_mask, per_prompt_positions
+from hookpatch.model.facts import component_info, edits_in_place, model_facts
 from hookpatch.tasks.promptset import PromptSet
 
 ABLATIONS = ("zero", "mean", "resample")
@@ -34,11 +36,14 @@ def replace_where(
     mask: Bool[Tensor, "..."],
     source: Float[Tensor, "..."],
     pos_dim: int,
+    in_place: bool | None = None,
 ) -> Float[Tensor, "..."]:
     """``activation`` with the entries selected by ``mask`` taken from ``source``.
 
     ``mask`` and ``source`` cover all positions; a runner that computes only positions from
-    ``hook.pos_offset`` on (hookpatch's fast path) gets them sliced to match.
+    ``hook.pos_offset`` on (hookpatch's fast path) gets them sliced to match. The edit is
+    made in place, or as a new tensor where the component table says a hook's tensor is
+    shared with other readers (``in_place=None``: as the table says for ``hook.name``).
     """
     offset = getattr(hook, "pos_offset", 0)
     if offset:
@@ -51,7 +56,9 @@ def replace_where(
             f"has {activation.shape[pos_dim]}; patch between prompts of the same length."
         )
     patched = torch.where(mask.to(activation.device), source.to(activation.device, activation.dtype), activation)
-    return activation.copy_(patched)
+    if in_place is None:
+        in_place = edits_in_place(getattr(hook, "name", ""))
+    return activation.copy_(patched) if in_place else patched
 
 
 def patch_hook(
@@ -68,7 +75,9 @@ def patch_hook(
 
     ``source`` is one activation tensor with ``component``'s axes (``[batch, pos, d_model]``,
     ``[batch, pos, head, d_head]``, ...); its feature axes are checked against the model here,
-    when the hook is made, not when it fires.
+    when the hook is made, not when it fires. A flag-gated component (``result``,
+    ``q_input``/``k_input``/``v_input``, ``mlp_in``) fires only inside
+    :func:`hookpatch.model.hook_flags` (both for caching the source and for the patched run).
 
     Example:
         >>> name, hook = patch_hook(model, "z", 9, clean_cache["blocks.9.attn.hook_z"], heads=7,
@@ -79,10 +88,11 @@ def patch_hook(
     layer = facts.check_layer(layer)
     info = component_info(component)
     facts.check_activation(component, source, "source")
-    d = pos_dim(component)
+    d = info.pos_dim
     pos_mask = per_prompt_positions(positions, source.shape[0], source.shape[d], prompts)
     mask = activation_mask(facts, component, pos_mask, heads)
-    return info.hook_name(layer), partial(replace_where, mask=mask, source=source.detach(), pos_dim=d)
+    hook = partial(replace_where, mask=mask, source=source.detach(), pos_dim=d, in_place=info.in_place)
+    return info.hook_name(layer), hook
 
 
 def ablation_source(
@@ -133,8 +143,8 @@ def ablate_hook(
     layer = facts.check_layer(layer)
     info = component_info(component)
     facts.check_activation(component, reference, "reference")
-    d = pos_dim(component)
+    d = info.pos_dim
     source = ablation_source(reference, how, seed=seed)
     pos_mask = per_prompt_positions(positions, reference.shape[0], reference.shape[d], prompts)
     mask = activation_mask(facts, component, pos_mask, heads)
-    return info.hook_name(layer), partial(replace_where, mask=mask, source=source, pos_dim=d)
+    return info.hook_name(layer), partial(replace_where, mask=mask, source=source, pos_dim=d, in_place=info.in_place)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from hookpatch.checks import IntsLike, as_int_list, as_ints
 from hookpatch.errors import HookpatchError
-from hookpatch.model.facts import ModelFacts, component_info
+from hookpatch.model.facts import COMPONENTS, ModelFacts, component_info
 from hookpatch.tasks.promptset import PromptSet
 
 # Checked when a mask is built (the annotations stay open so that check speaks, see checks.py):
@@ -81,7 +81,7 @@ def _check_columns(cols: Int[Tensor, " n"], n_pos: int, prompts: PromptSet | Non
 
 
 def head_mask(heads: Heads, n_heads: int, component: str) -> Bool[Tensor, " head"]:
-    """A mask over the component's head axis (query heads, or KV heads for k/v)."""
+    """A mask over the component's head axis (query heads, or KV heads for k, v, k_input, v_input)."""
     mask = torch.zeros(n_heads, dtype=torch.bool)
     if heads is None:
         mask[:] = True
@@ -103,18 +103,26 @@ def activation_mask(
     pos_mask: Bool[Tensor, "batch pos"],
     heads: Heads = None,
 ) -> Bool[Tensor, "..."]:
-    """The mask for ``component``'s activation (feature axis of size 1; key axis too for pattern)."""
+    """The mask for ``component``'s activation: its axes, with the (query) position axis from
+    ``pos_mask``, the head axis from ``heads`` and size 1 on every other axis (features, and
+    the key positions of a pattern), e.g. ``[batch, pos, head, 1]`` for z."""
     info = component_info(component)
-    if info.head_axis is None:
+    shape = [1] * len(info.axes)
+    shape[0], shape[info.pos_dim] = pos_mask.shape
+    mask = pos_mask.reshape(shape)  # batch and positions keep their order, so a reshape places them
+    if info.head_dim is None:
         if heads is not None:
-            raise HookpatchError(f"component {component!r} has no heads; drop heads= or patch 'z'.")
-        return pos_mask[:, :, None]  # [batch, pos, 1]
+            with_heads = sorted(c.name for c in COMPONENTS.values() if c.head_axis is not None)
+            raise HookpatchError(
+                f"component {component!r} has no heads; drop heads= or patch one with heads ({', '.join(with_heads)})."
+            )
+        return mask
     hm = head_mask(heads, facts.n_heads_of(component), component)
-    if component == "pattern":
-        return pos_mask[:, None, :, None] & hm[None, :, None, None]  # [batch, head, query_pos, 1]
-    return pos_mask[:, :, None, None] & hm[None, None, :, None]  # [batch, pos, head, 1]
+    head_shape = [1] * len(info.axes)
+    head_shape[info.head_dim] = len(hm)
+    return mask & hm.reshape(head_shape)
 
 
 def pos_dim(component: str) -> int:
     """The (query) position axis of ``component``'s activation."""
-    return 2 if component == "pattern" else 1
+    return component_info(component).pos_dim

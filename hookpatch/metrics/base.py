@@ -1,10 +1,17 @@
 """The metric protocol: logits in, one value per prompt out; reduction happens outside.
 
-Every metric reads the logits at each prompt's ``END`` position (tracked per prompt, never
-assumed to be the last column) and accepts any leading axes, so a sweep can hand it a stack
-of patched runs ``[variant, batch, ...]`` at once. Linear metrics (logit difference and its
-normalized form) also give their residual-stream direction and bias, so DLA and the logit
-lens use the very same object.
+Every metric says which positions it reads, per prompt (:attr:`Metric.reads`, ``[batch,
+n_read]``; the built-in ones read each prompt's ``END``, tracked per prompt, never assumed to
+be the last column), and computes its value from the logits there (:meth:`Metric.from_reads`),
+accepting any leading axes, so a sweep can hand it a stack of patched runs ``[variant, batch,
+...]`` at once. A runner therefore computes logits only where a metric reads. Linear metrics
+(logit difference and its normalized form) also give their residual-stream direction and
+bias, so DLA, the logit lens and the sweeps' shortcut (reading the residual stream through
+the directions, never forming logits) use the very same object.
+
+A plain callable ``logits[..., batch, pos, vocab] -> [..., batch]`` is wrapped once, at the
+public entry points, into a :class:`CallableMetric` that reads every position; past that point
+every metric is a :class:`Metric` and nothing downstream asks which kind it is.
 """
 
 from __future__ import annotations
@@ -38,12 +45,22 @@ class Metric(ABC):
         """The position whose logits the metric reads, per prompt (``END``)."""
         return self.prompts.end
 
+    @property
+    def reads(self) -> Int[Tensor, "batch n_read"]:
+        """Per prompt, the positions whose logits the metric reads, in the order
+        :meth:`from_reads` takes them (by default one: :attr:`read_positions`)."""
+        return self.read_positions.unsqueeze(-1)
+
     @abstractmethod
     def from_final(self, logits: Float[Tensor, "*lead batch d_vocab"]) -> Float[Tensor, "*lead batch"]:
         """The metric from the logits at each prompt's read position."""
 
+    def from_reads(self, logits: Float[Tensor, "*lead batch n_read d_vocab"]) -> Float[Tensor, "*lead batch"]:
+        """The metric from the logits at :attr:`reads` (one read: :meth:`from_final`)."""
+        return self.from_final(logits.squeeze(-2))
+
     def __call__(self, logits: Float[Tensor, "*lead batch pos d_vocab"]) -> Float[Tensor, "*lead batch"]:
-        """The metric from full logits: reads each prompt's ``END`` position."""
+        """The metric from full logits: reads each prompt's :attr:`reads` positions."""
         batch = len(self.prompts)
         if not isinstance(logits, Tensor) or not logits.is_floating_point():
             kind = logits.dtype if isinstance(logits, Tensor) else type(logits).__name__
@@ -56,9 +73,36 @@ class Metric(ABC):
                 f"{self.name} expects logits shaped [..., batch={batch}, pos, d_vocab]; got "
                 f"{tuple(logits.shape)}. Run the model on this metric's prompt set."
             )
-        pos = self.read_positions.to(logits.device)
-        index = pos.view(batch, 1, 1).expand(*logits.shape[:-2], 1, logits.shape[-1])
-        return self.from_final(logits.gather(-2, index).squeeze(-2))
+        reads = self.reads.to(logits.device)  # [batch, n_read]
+        index = reads.unsqueeze(-1).expand(*logits.shape[:-3], *reads.shape, logits.shape[-1])
+        return self.from_reads(logits.gather(-2, index))
+
+    def from_read_inputs(
+        self,
+        final: Float[Tensor, "*lead batch n_read d_model"],
+        model: Any,
+        unembed: Callable[[Tensor], Tensor] | None = None,
+    ) -> Float[Tensor, "*lead batch"]:
+        """The metric from the unembedding's input (after the final norm) at :attr:`reads`.
+
+        A linear metric reads it through its directions, never forming the logits, unless the
+        model soft-caps its final logits (``cap * tanh(logits / cap)``, Gemma 2), which makes
+        every metric non-linear in the residual stream; otherwise the input is unembedded with
+        ``unembed`` (which must give the model's final logits, cap included) or with ``W_U``,
+        ``b_U`` and the cap. Runs that stop before the unembedding (fast sweeps, attribution)
+        score themselves with this.
+        """
+        cap = final_softcap(model)
+        if self.linear and cap is None:
+            one = final.squeeze(-2)  # [*lead, batch, d_model]: a linear metric reads one position
+            return (one * self.directions(model).to(one)).sum(-1) + self.bias(model).to(one)
+        if unembed is not None:
+            logits = unembed(final)
+        else:
+            logits = final @ model.W_U + model.b_U
+            if cap is not None:
+                logits = cap * torch.tanh(logits / cap)
+        return self.from_reads(logits)
 
     def from_unembed_input(
         self,
@@ -66,16 +110,8 @@ class Metric(ABC):
         model: Any,
         unembed: Callable[[Tensor], Tensor] | None = None,
     ) -> Float[Tensor, "*lead batch"]:
-        """The metric from the unembedding's input at each prompt's read position.
-
-        A linear metric reads it through its directions (never forming the logits); any other
-        unembeds it, with ``unembed`` or ``final @ W_U + b_U``. Runs that stop before the
-        unembedding (fast sweeps, attribution) score themselves with this.
-        """
-        if self.linear:
-            return (final * self.directions(model).to(final)).sum(-1) + self.bias(model).to(final)
-        logits = unembed(final) if unembed is not None else final @ model.W_U + model.b_U
-        return self.from_final(logits)
+        """:meth:`from_read_inputs` for a metric that reads one position per prompt."""
+        return self.from_read_inputs(final.unsqueeze(-2), model, unembed)
 
     def directions(self, model: Any) -> Float[Tensor, "batch d_model"]:
         """Residual-stream direction per prompt (only for linear metrics)."""
@@ -101,6 +137,63 @@ class Metric(ABC):
         """
         numbers = "".join(f", {k}={v:.4g}" for k, v in self.describe().items() if isinstance(v, float))
         return f"{type(self).__name__}({self.name}{numbers}, prompts={self.prompts.headline()})"
+
+
+def final_softcap(model: Any) -> float | None:
+    """The model's final-logit soft cap (``logits = cap * tanh(logits / cap)``), or None."""
+    cap = getattr(getattr(model, "cfg", None), "output_logits_soft_cap", None)
+    return float(cap) if cap is not None and cap > 0 else None
+
+
+@dataclass(frozen=True, repr=False)
+class CallableMetric(Metric):
+    """A plain callable ``logits[..., batch, pos, vocab] -> [..., batch]`` as a :class:`Metric`.
+
+    It may read any position, so it reads them all: a runner hands it the logits of every
+    position, in order, exactly as the model returns them. It is not linear and has no
+    directions. :func:`as_metric` builds one; pass a :class:`Metric` to let runners skip the
+    positions it does not read.
+
+    Example:
+        >>> metric = as_metric(lambda logits: logits[..., -1, 0], prompts)
+    """
+
+    fn: Callable[[Tensor], Tensor]
+    prompts: PromptSet
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return str(getattr(self.fn, "__name__", None) or type(self.fn).__name__)
+
+    @property
+    def reads(self) -> Int[Tensor, "batch n_read"]:
+        batch, n_pos = self.prompts.clean_tokens.shape
+        return torch.arange(n_pos).expand(batch, n_pos)
+
+    def from_final(self, logits: Float[Tensor, "*lead batch d_vocab"]) -> Float[Tensor, "*lead batch"]:
+        raise HookpatchError(
+            f"the metric {self.name} is a plain callable of the logits at every position; call it "
+            "on full logits [..., batch, pos, d_vocab], or wrap the one-position logic in a Metric."
+        )
+
+    def from_reads(self, logits: Float[Tensor, "*lead batch n_read d_vocab"]) -> Float[Tensor, "*lead batch"]:
+        return self(logits)  # it reads every position, in order: the full logits
+
+    def __call__(self, logits: Float[Tensor, "*lead batch pos d_vocab"]) -> Float[Tensor, "*lead batch"]:
+        """The callable on the logits, checked to give one value per prompt."""
+        from hookpatch.checks import require_metric_values
+
+        return require_metric_values(self.fn(logits), tuple(logits.shape[:-2]))
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "linear": False}
+
+
+def as_metric(metric: Metric | Callable[[Tensor], Tensor], prompts: PromptSet) -> Metric:
+    """``metric`` itself if it is a :class:`Metric`, else the callable wrapped in a
+    :class:`CallableMetric` over ``prompts`` (check it first with
+    :func:`hookpatch.checks.require_metric`; :func:`hookpatch.checks.as_metric` does both)."""
+    return metric if isinstance(metric, Metric) else CallableMetric(metric, prompts)
 
 
 def gather_answers(

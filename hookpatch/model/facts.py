@@ -1,14 +1,26 @@
 """Model facts as data: sizes and, for each patchable component, its hook name and axes.
 
-One table (component → hook template, axes, head axis) makes grouped-query attention a
-column rather than a branch in every function: ``k`` and ``v`` have a ``kv_head`` axis of
-``n_kv_heads`` entries, ``q``/``z``/``pattern`` a ``head`` axis of ``n_heads``. Nothing
-downstream hard-codes GPT-2 shapes; it asks :func:`model_facts`.
+One table (:data:`COMPONENTS`: component → hook template, axes, head axis, the config flag
+its hook needs, how a patch edits it) makes grouped-query attention or a gated hook a column
+rather than a branch in every function: ``k``, ``v``, ``k_input`` and ``v_input`` have a
+``kv_head`` axis of ``n_kv_heads`` entries, ``q``/``z``/``pattern``/``result``/``q_input`` a
+``head`` axis of ``n_heads``. Nothing downstream hard-codes GPT-2 shapes or hook names; it
+asks :func:`model_facts`, :func:`component_info` or :func:`hook_name`.
+
+Some hooks fire only when a config flag is on (``result`` needs ``use_attn_result``,
+``q_input``/``k_input``/``v_input`` need ``use_split_qkv_input``, ``mlp_in`` needs
+``use_hook_mlp_in``): they cost memory and compute, so the model leaves them off.
+:func:`hook_flags` turns on what a set of components needs for the length of a ``with``
+block and restores the previous values afterwards, also on error.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Literal
 
 import torch
@@ -17,6 +29,7 @@ from hookpatch.checks import IntLike, is_int, require_model
 from hookpatch.errors import HookpatchError
 
 HeadAxis = Literal["head", "kv_head"] | None
+POS_AXES = ("pos", "query_pos")  # the axis a position selection indexes (query positions for a pattern)
 
 
 @dataclass(frozen=True)
@@ -25,39 +38,226 @@ class Component:
 
     ``axes`` names the dimensions of the hooked tensor (batch first), ``head_axis`` says
     whether a head dimension indexes query heads (``"head"``), KV heads (``"kv_head"``) or
-    is absent (``None``).
+    is absent (``None``). ``flag`` is the model-config flag (``model.set_<flag>(True)``)
+    without which the hook never fires, or ``None``. ``in_place`` says how a patch edits the
+    activation: in place (so every reader of the tensor sees the edit; at ``hook_resid_mid``,
+    an alias of ``ln2.hook_in``, that includes the residual skip), or, where the hooked tensor
+    *is* a tensor other readers use (``hook_mlp_in`` receives ``resid_mid`` itself, not a
+    copy), by returning a new tensor, so only the branch behind the hook sees it.
     """
 
     name: str
     hook_template: str
     axes: tuple[str, ...]
     head_axis: HeadAxis
+    flag: str | None = None
+    in_place: bool = True
+    # Where a block resumes after a patch of this component (the fast path finishes the patched
+    # block from there): the hook point inside the block, and the residual stream the rest of
+    # the block adds to (None: the patched activation is the block's output). None: not resumable.
+    resume_point: str | None = None
+    resume_base: str | None = None
 
     def hook_name(self, layer: int) -> str:
         """The TransformerLens hook name of this component at ``layer``."""
         return self.hook_template.format(layer=layer)
 
+    @property
+    def pos_dim(self) -> int:
+        """The dimension a position selection indexes (``query_pos`` for a pattern)."""
+        return next(i for i, a in enumerate(self.axes) if a in POS_AXES)
+
+    @property
+    def head_dim(self) -> int | None:
+        """The dimension of the head axis, or ``None``."""
+        return None if self.head_axis is None else self.axes.index(self.head_axis)
+
+    @property
+    def square(self) -> bool:
+        """Whether two axes are the same positions (a pattern's query and key positions)."""
+        return "query_pos" in self.axes and "key_pos" in self.axes
+
+    def per_position(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum ``values`` (shaped like this component's activation) over everything but
+        batch, position and head: ``[batch, pos]``, or ``[batch, pos, head]`` with a head axis."""
+        keep = [0, self.pos_dim] + ([] if self.head_dim is None else [self.head_dim])
+        summed = values.sum([d for d in range(values.ndim) if d not in keep])  # dims in axis order
+        if self.head_dim is not None and self.head_dim < self.pos_dim:
+            summed = summed.transpose(1, 2)  # [batch, head, pos] → [batch, pos, head]
+        return summed
+
+
+_RESID = ("batch", "pos", "d_model")
+_HEADS = ("batch", "pos", "head", "d_head")
+_KV_HEADS = ("batch", "pos", "kv_head", "d_head")
 
 COMPONENTS: dict[str, Component] = {
     c.name: c
     for c in (
-        Component("resid_pre", "blocks.{layer}.hook_resid_pre", ("batch", "pos", "d_model"), None),
-        Component("resid_mid", "blocks.{layer}.hook_resid_mid", ("batch", "pos", "d_model"), None),
-        Component("resid_post", "blocks.{layer}.hook_resid_post", ("batch", "pos", "d_model"), None),
-        Component("attn_out", "blocks.{layer}.hook_attn_out", ("batch", "pos", "d_model"), None),
-        Component("mlp_out", "blocks.{layer}.hook_mlp_out", ("batch", "pos", "d_model"), None),
-        Component("z", "blocks.{layer}.attn.hook_z", ("batch", "pos", "head", "d_head"), "head"),
-        Component("q", "blocks.{layer}.attn.hook_q", ("batch", "pos", "head", "d_head"), "head"),
-        Component("k", "blocks.{layer}.attn.hook_k", ("batch", "pos", "kv_head", "d_head"), "kv_head"),
-        Component("v", "blocks.{layer}.attn.hook_v", ("batch", "pos", "kv_head", "d_head"), "kv_head"),
+        Component("resid_pre", "blocks.{layer}.hook_resid_pre", _RESID, None),
+        Component("resid_mid", "blocks.{layer}.hook_resid_mid", _RESID, None, resume_point="hook_resid_mid"),
+        Component("resid_post", "blocks.{layer}.hook_resid_post", _RESID, None, resume_point="hook_resid_post"),
+        Component("attn_out", "blocks.{layer}.hook_attn_out", _RESID, None,
+                  resume_point="hook_attn_out", resume_base="hook_resid_pre"),
+        Component("mlp_out", "blocks.{layer}.hook_mlp_out", _RESID, None,
+                  resume_point="hook_mlp_out", resume_base="hook_resid_mid"),
+        Component("z", "blocks.{layer}.attn.hook_z", _HEADS, "head",
+                  resume_point="attn.hook_z", resume_base="hook_resid_pre"),
+        Component("q", "blocks.{layer}.attn.hook_q", _HEADS, "head"),
+        Component("k", "blocks.{layer}.attn.hook_k", _KV_HEADS, "kv_head"),
+        Component("v", "blocks.{layer}.attn.hook_v", _KV_HEADS, "kv_head"),
         Component(
             "pattern",
             "blocks.{layer}.attn.hook_pattern",
             ("batch", "head", "query_pos", "key_pos"),
             "head",
         ),
+        # Each head's output, z_h @ W_O[h], before the sum over heads (attn_out = sum + b_O).
+        Component(
+            "result", "blocks.{layer}.attn.hook_result", ("batch", "pos", "head", "d_model"), "head",
+            flag="use_attn_result",
+        ),
+        # Per-head copies of the residual stream entering the block, before ln1 (which is
+        # applied to each copy after the hook): patching head h's copy changes only head h's
+        # queries; under grouped-query attention keys and values have one copy per KV head.
+        Component(
+            "q_input", "blocks.{layer}.hook_q_input", ("batch", "pos", "head", "d_model"), "head",
+            flag="use_split_qkv_input",
+        ),
+        Component(
+            "k_input", "blocks.{layer}.hook_k_input", ("batch", "pos", "kv_head", "d_model"), "kv_head",
+            flag="use_split_qkv_input",
+        ),
+        Component(
+            "v_input", "blocks.{layer}.hook_v_input", ("batch", "pos", "kv_head", "d_model"), "kv_head",
+            flag="use_split_qkv_input",
+        ),
+        # The MLP branch's input (resid_mid before ln2): unlike resid_mid, a patch here does
+        # not reach the residual skip, so it edits a new tensor (in_place=False).
+        Component("mlp_in", "blocks.{layer}.hook_mlp_in", _RESID, None, flag="use_hook_mlp_in", in_place=False),
     )
 }
+
+# Hook points that are not patchable components but that sweeps, readouts and runners read.
+POINTS: dict[str, str] = {
+    "rot_q": "blocks.{layer}.attn.hook_rot_q",  # queries after rotary (rotary models only)
+    "rot_k": "blocks.{layer}.attn.hook_rot_k",  # keys after rotary: what attention really uses
+    "attn_scores": "blocks.{layer}.attn.hook_attn_scores",
+    "mlp_pre": "blocks.{layer}.mlp.hook_pre",
+    "mlp_post": "blocks.{layer}.mlp.hook_post",  # the neurons' activations
+    "ln_final_scale": "ln_final.hook_scale",
+    "unembed_in": "unembed.hook_in",
+}
+
+
+def hook_name(point: str, layer: IntLike | None = None) -> str:
+    """The TransformerLens hook name of a component (``"z"``) or another hook point
+    (``"rot_k"``, ``"mlp_post"``, ``"ln_final_scale"``, see :data:`POINTS`) at ``layer``.
+
+    Example:
+        >>> hook_name("z", 3), hook_name("mlp_post", 0), hook_name("ln_final_scale")
+        ('blocks.3.attn.hook_z', 'blocks.0.mlp.hook_post', 'ln_final.hook_scale')
+    """
+    template = COMPONENTS[point].hook_template if point in COMPONENTS else POINTS.get(point)
+    if template is None:
+        raise HookpatchError(
+            f"unknown hook point {point!r}; expected a component ({sorted(COMPONENTS)}) or one of "
+            f"{sorted(POINTS)}."
+        )
+    if "{layer}" in template and not is_int(layer):
+        raise HookpatchError(f"hook point {point!r} is per block; pass layer= (an integer), got {layer!r}.")
+    return template.format(layer=int(layer)) if "{layer}" in template else template  # type: ignore[arg-type]
+
+
+def block_point(layer: int, point: str) -> str:
+    """The hook name of ``point``, a hook path inside a block (``"attn.hook_z"``, a
+    component's ``resume_point``/``resume_base``), in block ``layer``: for runners that keep
+    per-block tables of relative hook points."""
+    return f"blocks.{layer}.{point}"
+
+
+def resid_entering(layer: int, n_layers: int) -> str:
+    """The hook of the residual stream entering block ``layer``; ``layer == n_layers`` is the
+    final residual stream (the last block's ``hook_resid_post``), what the unembedding reads."""
+    return hook_name("resid_pre", layer) if layer < n_layers else hook_name("resid_post", n_layers - 1)
+
+
+def attention_key(layer: int, rotary: bool) -> str:
+    """The hook of the keys attention really uses at ``layer``: after rotary (``rot_k``) for
+    rotary models, ``hook_k`` otherwise."""
+    return hook_name("rot_k" if rotary else "k", layer)
+
+
+@lru_cache(maxsize=4096)
+def component_of_hook(name: str) -> Component | None:
+    """The component whose hook ``name`` is (``"blocks.3.hook_mlp_in"`` → mlp_in), or None."""
+    for c in COMPONENTS.values():
+        if re.fullmatch(re.escape(c.hook_template).replace(r"\{layer\}", r"\d+"), name):
+            return c
+    return None
+
+
+def edits_in_place(name: str) -> bool:
+    """Whether a patch at hook ``name`` edits the activation in place (see :class:`Component`);
+    True for hook points outside the table."""
+    c = component_of_hook(name)
+    return True if c is None else c.in_place
+
+
+def flags_of(components: Iterable[str]) -> list[str]:
+    """The config flags the hooks of ``components`` need, in table order, without repeats."""
+    names = [components] if isinstance(components, str) else list(components)
+    needed = {component_info(c).flag for c in names}
+    return [f for f in dict.fromkeys(c.flag for c in COMPONENTS.values()) if f is not None and f in needed]
+
+
+@contextmanager
+def hook_flags(model: Any, components: Iterable[str]) -> Iterator[None]:
+    """Turn on the config flags the hooks of ``components`` need, for the ``with`` block.
+
+    Each flag is set through the bridge's own setter (``model.set_use_attn_result(True)``,
+    which also reaches per-block config copies) and put back to its previous value on exit,
+    also when the block raises. Components that need no flag cost nothing. Outputs do not
+    change; the flagged paths compute the same logits (a per-head split adds some
+    floating-point reordering, ~1e-6).
+
+    Example:
+        >>> with hook_flags(model, ["result"]):
+        ...     _, cache = model.run_with_cache(tokens)      # has blocks.L.attn.hook_result
+    """
+    flags = flags_of(components)
+    if not flags:
+        yield
+        return
+    require_model(model)
+    previous = {flag: bool(getattr(model.cfg, flag, False)) for flag in flags}
+    changed: list[str] = []
+    try:
+        for flag in flags:
+            if not previous[flag]:
+                _set_flag(model, flag, True)
+                changed.append(flag)
+        yield
+    finally:
+        for flag in reversed(changed):
+            _set_flag(model, flag, previous[flag])
+
+
+def _set_flag(model: Any, flag: str, value: bool) -> None:
+    setter = getattr(model, f"set_{flag}", None)
+    if setter is None:
+        raise HookpatchError(
+            f"this model has no set_{flag}(), so the hooks that need {flag} never fire; patch a "
+            "component that needs no flag (z, attn_out, resid_mid, ...) or load a TransformerBridge."
+        )
+    try:
+        setter(value)
+    except (ValueError, NotImplementedError, RuntimeError) as err:
+        users = sorted(c.name for c in COMPONENTS.values() if c.flag == flag)
+        raise HookpatchError(
+            f"cannot turn on {flag} (needed by {', '.join(users)}) on this model: {err} Patch a "
+            "component that needs no flag instead, or turn off the conflicting setting first."
+        ) from err
 
 
 @dataclass(frozen=True)
@@ -86,7 +286,7 @@ class ModelFacts:
         return self.n_heads // self.n_kv_heads
 
     def n_heads_of(self, component: str) -> int:
-        """How many entries the head axis of ``component`` has (KV heads for k/v)."""
+        """How many entries the head axis of ``component`` has (KV heads for k, v, k_input, v_input)."""
         axis = component_info(component).head_axis
         if axis is None:
             raise HookpatchError(f"component {component!r} has no head axis.")
@@ -102,7 +302,8 @@ class ModelFacts:
         return head // self.group_size
 
     def table(self) -> list[dict[str, Any]]:
-        """One row per component: name, hook name at layer 0, axes with sizes, head axis."""
+        """One row per component: name, hook name at layer 0, axes with sizes, head axis, the
+        config flag its hook needs."""
         sizes = self.axis_sizes()
         return [
             {
@@ -112,6 +313,7 @@ class ModelFacts:
                 "shape": tuple(sizes.get(a, a) for a in c.axes),
                 "head_axis": c.head_axis,
                 "n_heads": None if c.head_axis is None else sizes[c.head_axis],
+                "flag": c.flag,
             }
             for c in COMPONENTS.values()
         ]
@@ -137,7 +339,7 @@ class ModelFacts:
             )
         shape = tuple(activation.shape)
         fixed = [(i, sizes[a]) for i, a in enumerate(info.axes) if a in sizes]
-        square = component != "pattern" or (len(shape) == 4 and shape[-1] == shape[-2])
+        square = not info.square or (len(shape) == 4 and shape[-1] == shape[-2])
         if len(shape) != len(info.axes) or any(shape[i] != n for i, n in fixed) or not square:
             raise HookpatchError(
                 f"{arg}= has shape {shape} but {component!r} activations of this model are shaped "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,98 @@ from hookpatch.errors import HookpatchError
 ORGANISM = "organism"
 _ORGANISM_DIR = Path(__file__).resolve().parent.parent / "organism" / "checkpoint"
 _HUB_HOST = "huggingface.co"
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """How a model was loaded: enough to load the same model again, e.g. on another worker.
+
+    ``load_model`` and ``tiny_model`` attach one to every model they return, as
+    ``model.hookpatch_load_spec`` (see :func:`load_spec`); results copy it into their
+    provenance, so a saved result says which model produced it.
+
+    Attributes:
+        loader: ``"load_model"`` or ``"tiny_model"`` (the function to call again).
+        name: what was passed: ``"organism"``, an alias, a hub id, a directory, or the tiny
+            family (``"gpt2"``).
+        source: where the weights came from: a local directory or a hub id;
+            ``"write_tiny_checkpoint"`` for a tiny model (its seeded weights are rebuilt from
+            ``options``).
+        options: the other arguments, as ``(name, value)`` pairs of plain values (dtype and
+            device as text, e.g. ``("dtype", "torch.float32")``); an object passed in (a
+            tokenizer) is recorded by its class name only, and :meth:`load` refuses it.
+    """
+
+    loader: str
+    name: str
+    source: str
+    options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
+
+    def option(self, name: str, default: Any = None) -> Any:
+        """One recorded argument (``default`` when it was not recorded)."""
+        return dict(self.options).get(name, default)
+
+    def load(self, **overrides: Any) -> Any:
+        """Load the model again with the recorded arguments (``overrides`` replace some, e.g. ``device``).
+
+        Example:
+            >>> same = load_spec(model).load(device="cpu")
+        """
+        options = {**dict(self.options), **overrides}
+        objects = [k for k, v in options.items() if isinstance(v, dict) and _OBJECT in v]
+        if objects:
+            raise HookpatchError(
+                f"this model was loaded with {objects[0]}= an object ({options[objects[0]][_OBJECT]}) that "
+                f"was recorded by class name only; pass it again: load_spec(model).load({objects[0]}=...)."
+            )
+        if isinstance(options.get("dtype"), str):
+            options["dtype"] = getattr(torch, options["dtype"].removeprefix("torch."))
+        if self.loader == "tiny_model":
+            from hookpatch.model.tiny import tiny_model
+
+            return tiny_model(self.name, **options)
+        if self.loader != "load_model":
+            raise HookpatchError(f"loader={self.loader!r}: expected 'load_model' or 'tiny_model'.")
+        return load_model(self.name, **options)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (str, bool, int, float, None, lists) for saving."""
+        return {"loader": self.loader, "name": self.name, "source": self.source,
+                "options": [[k, v] for k, v in self.options]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoadSpec:
+        """The record :meth:`to_dict` wrote."""
+        return cls(loader=str(data["loader"]), name=str(data["name"]), source=str(data["source"]),
+                   options=tuple((str(k), v) for k, v in data["options"]))
+
+
+def _plain(value: Any) -> Any:
+    """A load argument as plain data: dtype/device as text, a tokenizer by its class name."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (torch.dtype, torch.device)):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return {_OBJECT: type(value).__name__}  # an object (a tokenizer): its class name only
+
+
+_OBJECT = "object recorded by class name"
+
+
+def record_load_spec(model: Any, loader: str, name: str, source: str, **options: Any) -> LoadSpec:
+    """Attach a :class:`LoadSpec` to ``model`` as ``model.hookpatch_load_spec`` and return it."""
+    spec = LoadSpec(loader=loader, name=name, source=source,
+                    options=tuple((k, _plain(v)) for k, v in options.items()))
+    model.hookpatch_load_spec = spec
+    return spec
+
+
+def load_spec(model: Any) -> LoadSpec | None:
+    """How ``model`` was loaded (``None`` for a model built without ``load_model``/``tiny_model``)."""
+    spec = getattr(model, "hookpatch_load_spec", None)
+    return spec if isinstance(spec, LoadSpec) else None
 
 
 def organism_path() -> Path:
@@ -82,6 +175,7 @@ def load_model(
         check_load_options(dtype=dtype, tokenizer=tokenizer)
         verify_checkpoint(_ORGANISM_DIR)
     source = _resolve_source(name_or_path)
+    passed_tokenizer, passed_device = tokenizer, device
     if tokenizer is None and Path(source).is_dir():
         tokenizer = _local_tokenizer(Path(source))
     if device is None and device_map is None:
@@ -100,6 +194,11 @@ def load_model(
         refactor_factored_attn_matrices=refactor_factored_attn_matrices,
     )
     model.eval()
+    record_load_spec(
+        model, "load_model", str(name_or_path), str(source), device=passed_device, dtype=dtype, device_map=device_map,
+        fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
+        refactor_factored_attn_matrices=refactor_factored_attn_matrices, tokenizer=passed_tokenizer,
+    )
     return model
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from hookpatch.model.facts import hook_name, resid_entering
 from hookpatch.organism import corpus
 
 
@@ -155,7 +156,7 @@ def ioi_position_patching(model: Any, prompts: Sequence[corpus.IOIPrompt]) -> di
     names = {"IO": io_pos, "S1": s1_pos, "S2": s2_pos, "END": [end] * len(prompts)}
     restored = []
     for layer in range(model.cfg.n_layers + 1):
-        hook = f"blocks.{layer}.hook_resid_pre" if layer < model.cfg.n_layers else f"blocks.{layer - 1}.hook_resid_post"
+        hook = resid_entering(layer, model.cfg.n_layers)
         row = {}
         for pname, pos in names.items():
             def patch(act, hook, pos=pos):
@@ -179,7 +180,7 @@ def head_attention(model: Any, prompts: Sequence[corpus.IOIPrompt], heads: Seque
     io_ids = [single_id(model, p.io) for p in prompts]
     out = {}
     for layer, head in heads:
-        pat = cache[f"blocks.{layer}.attn.hook_pattern"][:, head]  # [batch, q, k]
+        pat = cache[hook_name("pattern", layer)][:, head]  # [batch, q, k]
         rec: defaultdict[str, float] = defaultdict(float)
         for i in range(len(prompts)):
             s_where = (toks[i] == s_ids[i]).nonzero().flatten().tolist()

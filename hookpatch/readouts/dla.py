@@ -15,10 +15,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from hookpatch.checks import IntLike, require_metric
+from hookpatch._provenance import Provenance, run_facts
+from hookpatch.checks import IntLike, as_metric
 from hookpatch.errors import HookpatchError
 from hookpatch.metrics.base import Metric
-from hookpatch.model.facts import model_facts
+from hookpatch.model.facts import hook_name, model_facts
 from hookpatch.model.loading import require_eval
 from hookpatch.readouts._final import apply_final_ln, at_end, center
 from hookpatch.results import SweepResult
@@ -39,10 +40,12 @@ def _project(model, cache, parts: Float[Tensor, "n batch pos d_model"], prompts,
     return (x * dirs.to(x.device)).sum(-1)
 
 
-def _result(values, axes, labels, metric, logits, info) -> SweepResult:
+def _result(values, axes, labels, model, prompts, metric, logits, method: str, terms: dict[str, Tensor],
+            layer: int | None = None) -> SweepResult:
     return SweepResult(
         values=values.float().cpu(), axes=axes, labels=labels, clean=metric(logits).float().cpu(),
-        info={"metric": metric.describe(), **info},
+        provenance=Provenance(kind="effect", method=method, layer=layer, **run_facts(model, prompts, metric)),
+        terms={name: term.float().cpu() for name, term in terms.items()},
     )
 
 
@@ -50,27 +53,27 @@ def _result(values, axes, labels, metric, logits, info) -> SweepResult:
 def dla_by_component(model: Any, prompts: PromptSet, metric: Metric) -> SweepResult:
     """DLA of the embeddings and each layer's ``attn_out`` and ``mlp_out``: ``values[part, batch]``.
 
-    ``info["bias"]`` holds the metric's constant term per prompt; parts + bias = metric.
+    ``terms["bias"]`` ``[batch]`` holds the metric's constant term per prompt; parts + bias = metric.
     """
     require_eval(model)
-    require_metric(metric, prompts)
+    metric = as_metric(metric, prompts)  # a plain callable: refused below as not linear
     dirs, bias = _linear(metric, model)
     logits, cache = model.run_with_cache(prompts.clean_tokens)
     parts, labels = cache.decompose_resid(layer=None, mode="all", return_labels=True)
     values = _project(model, cache, parts, prompts, dirs)
-    return _result(values, ("component",), {"component": tuple(labels)}, metric, logits,
-                   {"method": "dla", "bias": bias.float().cpu().tolist()})
+    return _result(values, ("component",), {"component": tuple(labels)}, model, prompts, metric, logits,
+                   "dla", {"bias": bias})
 
 
 @torch.no_grad()
 def dla_by_head(model: Any, prompts: PromptSet, metric: Metric) -> SweepResult:
     """DLA of every attention head: ``values[layer, head, batch]`` (labels ``L9H7``).
 
-    ``info["attn_bias"]`` holds each layer's attention output bias DLA ``[layer, batch]``:
+    ``terms["attn_bias"]`` holds each layer's attention output bias DLA ``[layer, batch]``:
     the heads of a layer plus its bias equal that layer's ``attn_out`` DLA.
     """
     require_eval(model)
-    require_metric(metric, prompts)
+    metric = as_metric(metric, prompts)  # a plain callable: refused below as not linear
     dirs, _ = _linear(metric, model)
     facts = model_facts(model)
     logits, cache = model.run_with_cache(prompts.clean_tokens)
@@ -85,7 +88,7 @@ def dla_by_head(model: Any, prompts: PromptSet, metric: Metric) -> SweepResult:
             "layer": tuple(str(layer) for layer in range(facts.n_layers)),
             "head": tuple(f"H{h}" for h in range(facts.n_heads)),
         },
-        metric, logits, {"method": "dla_heads", "attn_bias": attn_bias.float().cpu().tolist()},
+        model, prompts, metric, logits, "dla_heads", {"attn_bias": attn_bias},
     )
 
 
@@ -93,18 +96,18 @@ def dla_by_head(model: Any, prompts: PromptSet, metric: Metric) -> SweepResult:
 def dla_by_neuron(model: Any, prompts: PromptSet, metric: Metric, layer: IntLike) -> SweepResult:
     """DLA of every MLP neuron of ``layer``: ``values[neuron, batch]``.
 
-    A neuron writes ``post[n] * W_out[n]``; with the MLP's output bias (``info["mlp_bias"]``)
+    A neuron writes ``post[n] * W_out[n]``; with the MLP's output bias (``terms["mlp_bias"]``, ``[batch]``)
     the neurons add up to the layer's ``mlp_out`` DLA. Rank with :func:`top_neurons`.
     """
     require_eval(model)
-    require_metric(metric, prompts)
+    metric = as_metric(metric, prompts)  # a plain callable: refused below as not linear
     dirs, _ = _linear(metric, model)
     facts = model_facts(model)
     layer = facts.check_layer(layer)
     logits, cache = model.run_with_cache(prompts.clean_tokens)
     rows = torch.arange(len(prompts))
     end = prompts.end.cpu()
-    post = cache[f"blocks.{layer}.mlp.hook_post"][rows, end]  # [batch, d_mlp]
+    post = cache[hook_name("mlp_post", layer)][rows, end]  # [batch, d_mlp]
     mlp = model.blocks[layer].mlp
     W_out = center(model, mlp.W_out)  # [d_mlp, d_model]
     scale = cache["ln_final.hook_scale"][rows, end]  # [batch, 1]
@@ -114,7 +117,7 @@ def dla_by_neuron(model: Any, prompts: PromptSet, metric: Metric, layer: IntLike
     mlp_bias = (dirs @ b_out) / scale[:, 0]
     return _result(
         values, ("neuron",), {"neuron": tuple(f"L{layer}N{n}" for n in range(values.shape[0]))},
-        metric, logits, {"method": "dla_neurons", "layer": layer, "mlp_bias": mlp_bias.float().cpu().tolist()},
+        model, prompts, metric, logits, "dla_neurons", {"mlp_bias": mlp_bias}, layer=layer,
     )
 
 

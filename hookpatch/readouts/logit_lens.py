@@ -14,7 +14,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from hookpatch.checks import IntLike, as_int, require_metric
+from hookpatch._provenance import Provenance, run_facts
+from hookpatch.checks import IntLike, as_int, as_metric
 from hookpatch.metrics.base import Metric
 from hookpatch.model.loading import require_eval
 from hookpatch.readouts._final import apply_final_ln, at_end, unembed
@@ -47,7 +48,7 @@ def logit_lens(
         tokens: which run to read (default: the clean prompts).
     """
     require_eval(model)
-    require_metric(metric, prompts)
+    metric = as_metric(metric, prompts)  # a plain callable: refused below as not linear
     tokens = prompts.clean_tokens if tokens is None else tokens
     logits, cache = model.run_with_cache(tokens)
     stack, labels = cache.accumulated_resid(layer=None, incl_mid=incl_mid, return_labels=True)
@@ -58,7 +59,8 @@ def logit_lens(
         axes=("point",),
         labels={"point": tuple(labels)},
         clean=metric(logits).float().cpu(),
-        info={"method": "logit_lens", "convention": convention, "metric": metric.describe(), "task": prompts.task},
+        provenance=Provenance(kind="readout", method="logit_lens", convention=convention,
+                              **run_facts(model, prompts, metric)),
     )
 
 

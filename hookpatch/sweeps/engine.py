@@ -4,63 +4,47 @@ A sweep is a list of cells ``(layer, positions, heads)``; each cell is one varia
 (corrupted tokens for denoising, clean for noising or ablation) with the cell's selection
 replaced by a source (the other run's activation, or an ablation value). ``V`` cells share a
 forward: the run's ``B`` prompts are repeated ``V`` times and each layer's hook patches only
-its own rows. A memory budget decides ``V`` (on the fast path also a cap on the computed
-positions, :data:`FAST_CHUNK_PAIRS`, for cache locality); results never depend on either.
+its own rows. A memory budget decides ``V`` (and a runner may cap the computed positions per
+chunk, for cache locality); results never depend on either.
 
-Two runners execute a chunk:
-
-- the fast path (:mod:`hookpatch.sweeps.fastpath`) computes each stacked row only from its
-  cell's layer (joining from the run's cached residual stream there) and from its first
-  patched position on (earlier positions equal the unpatched run, whose cached keys and
-  values they contribute), packing the computed (row, position) pairs of all cells, whatever
-  their layers, into the same matrices, so its FLOPs are close to the minimal ones. A patch
-  after attention (z, attn_out, resid_mid, mlp_out, resid_post) changes only the rest of its
-  block at the patched positions: those rows finish the block there and join at the next one
-  (:data:`RESUMABLE`). It reads only where a :class:`Metric` reads (a plain callable gets
-  every position), and a linear metric through its residual directions, not the logits;
-- the generic path runs the bridge itself with ``run_with_hooks`` (any model the bridge loads).
+The work is data. :func:`plan_jobs` cuts the cells into :class:`CellsJob` s — frozen
+dataclasses naming their cells, the run they patch and the :class:`Source` (no model, no
+cache, no closure), so they pickle — and an executor
+(:class:`~hookpatch.runners.InProcessExecutor` by default) runs them against a
+:class:`SweepContext`: the model, its :class:`~hookpatch.runners.Runner`, the metric and the
+cached unpatched runs, all of which a worker owns. The engine never asks which runner or
+which kind of metric it has.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from hookpatch.checks import require_metric_values
-from hookpatch.hooks.factory import replace_where
+from hookpatch.errors import HookpatchError
+from hookpatch.hooks.factory import ablation_source
 from hookpatch.hooks.selection import Heads, Positions, activation_mask, per_prompt_positions, pos_dim
 from hookpatch.metrics.base import Metric
 from hookpatch.model.facts import ModelFacts, component_info
+from hookpatch.runners import CachedRun, Chunk, Executor, Runner
+from hookpatch.runners._fast_runner import fast_cache_names
+from hookpatch.runners._protocol import first_positions
 from hookpatch.tasks.promptset import PromptSet
 
+__all__ = ["Cell", "CellsJob", "Source", "SweepContext", "fast_cache_names", "plan_jobs", "run_cells"]
+
 DEFAULT_BUDGET = 2 * 1024**3  # bytes
-# The fast path's matmuls reach their throughput by ~256 packed rows; far beyond, each layer's
-# fresh [rows, d_mlp] buffers outgrow the caches and cost page faults. A fast-path chunk stops
-# at this many computed (row, position) pairs (or at the memory budget, if that comes first).
-FAST_CHUNK_PAIRS = 2048
-
-
-# component -> (its hook point in the block, the residual stream the rest of the block adds to):
-# the fast path finishes a patched block from there (FastForward.resume_block).
-RESUMABLE = {
-    "z": ("attn.hook_z", "hook_resid_pre"),
-    "attn_out": ("hook_attn_out", "hook_resid_pre"),
-    "resid_mid": ("hook_resid_mid", "hook_resid_mid"),
-    "mlp_out": ("hook_mlp_out", "hook_resid_mid"),
-    "resid_post": ("hook_resid_post", None),
-}
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One variant: patch ``component`` at ``layer``, at ``positions``, for ``heads``."""
+    """One variant: patch the sweep's component at ``layer``, at ``positions``, for ``heads``."""
 
     layer: int
     positions: Positions = None
@@ -68,73 +52,163 @@ class Cell:
 
 
 @dataclass(frozen=True)
-class Run:
-    """What a sweep patches into: the run's tokens and cache, and the per-layer sources."""
+class Source:
+    """What a cell writes: the activation of the cached run ``run`` at the cell's hook, as it
+    is (``ablation=None``) or ablated (``"zero"``, ``"mean"`` or ``"resample"`` with ``seed``;
+    see :func:`hookpatch.hooks.factory.ablation_source`)."""
 
-    tokens: Int[Tensor, "batch pos"]
-    cache: Any  # the unpatched run's activations (ActivationCache or dict); the fast path's: fast_cache_names
-    sources: Callable[[int], Tensor]  # layer -> source activation, broadcastable to the hook's
+    run: str
+    ablation: str | None = None
+    seed: int = 0
 
 
-def fast_cache_names(component: str, layers: Sequence[int], n_layers: int, rotary: bool) -> list[str]:
-    """What the fast path reads from a run's cache for a sweep of ``component`` at ``layers``: the
-    component (the source), every block's residual stream, keys and values (where rows join
-    and what frozen positions contribute), and for :data:`RESUMABLE` components the residual
-    the patched block's rest adds to and the final residual stream."""
-    key = "attn.hook_rot_k" if rotary else "attn.hook_k"
-    hook = component_info(component).hook_name
-    names = [hook(layer) for layer in layers]
-    for layer in range(n_layers):
-        names += [f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.{key}", f"blocks.{layer}.attn.hook_v"]
-    if component in RESUMABLE:
-        base = RESUMABLE[component][1]
-        names += [f"blocks.{layer}.{base}" for layer in layers] if base else []
-        names.append(f"blocks.{n_layers - 1}.hook_resid_post")
-    return list(dict.fromkeys(names))
+@dataclass(frozen=True)
+class SweepContext:
+    """What a worker owns to run a sweep's jobs: the model and its runner, the prompt set, the
+    metric and the cached unpatched runs (run name → :class:`~hookpatch.runners.CachedRun`)."""
+
+    model: Any
+    facts: ModelFacts
+    prompts: PromptSet
+    metric: Metric
+    runner: Runner
+    runs: Mapping[str, CachedRun]
+
+    def source(self, source: Source, hook_name: str) -> Tensor:
+        """The activation ``source`` writes at ``hook_name``."""
+        act = self.runs[source.run].cache[hook_name]
+        return act if source.ablation is None else ablation_source(act, source.ablation, seed=source.seed)
+
+
+@dataclass(frozen=True)
+class CellsJob:
+    """Patch each of ``cells`` (one stacked forward) into the cached run ``target``.
+
+    Attributes:
+        component: the patched component.
+        target: the cached run patched into (``"corrupted"`` when denoising).
+        source: what the cells write.
+        cells: the cells, in the order of the result's rows.
+        index: each cell's row in the whole sweep's ``[cell, batch]`` values.
+    """
+
+    component: str
+    target: str
+    source: Source
+    cells: tuple[Cell, ...]
+    index: tuple[int, ...]
+
+    def run(self, context: SweepContext) -> Float[Tensor, "cell batch"]:
+        """The metric per cell and prompt, ``[len(cells), batch]`` (float32, on the CPU)."""
+        run = context.runs[self.target]
+        B, P = run.tokens.shape
+        d = pos_dim(self.component)
+        masks = _masks(context, self.component, self.cells, B, P)
+        hook = component_info(self.component).hook_name
+        layers = [c.layer for c in self.cells]
+        chunk = Chunk(
+            component=self.component,
+            layers=layers,
+            masks=masks,
+            first_pos=torch.stack([first_positions(m, d, B) for m in masks]),
+            run=run,
+            sources={layer: context.source(self.source, hook(layer)) for layer in sorted(set(layers))},
+            pos_dim=d,
+        )
+        values = context.runner.run_chunk(chunk, context.metric)
+        return require_metric_values(values, (len(self.cells), B)).detach().float().cpu()
+
+
+def _masks(context: SweepContext, component: str, cells: Sequence[Cell], B: int, P: int) -> list[Tensor]:
+    """Each cell's activation mask; cells with equal positions and heads share one."""
+    memo: dict[Any, Tensor] = {}
+    out = []
+    for c in cells:
+        key = _key(c.positions, c.heads)
+        mask = memo.get(key) if key is not None else None
+        if mask is None:
+            pos = per_prompt_positions(c.positions, B, P, context.prompts)
+            mask = activation_mask(context.facts, component, pos, c.heads)
+            if key is not None:
+                memo[key] = mask
+        out.append(mask)
+    return out
+
+
+def _first_positions(context: SweepContext, cells: Sequence[Cell], B: int, P: int) -> list[Tensor]:
+    """Per cell and prompt, the first position it patches (``[batch]`` each), for planning;
+    cells with equal positions share one."""
+    memo: dict[Any, Tensor] = {}
+    out = []
+    for c in cells:
+        key = _key(c.positions)
+        first = memo.get(key) if key is not None else None
+        if first is None:
+            first = first_positions(per_prompt_positions(c.positions, B, P, context.prompts), 1, B)
+            if key is not None:
+                memo[key] = first
+        out.append(first)
+    return out
+
+
+def _key(*selection: Any) -> Any:
+    """A memo key for a selection (positions, heads), or None where one is unhashable (a tensor
+    or a list: built afresh each time)."""
+    if any(isinstance(part, Tensor) for part in selection):
+        return None
+    try:
+        hash(selection)
+    except TypeError:
+        return None
+    return tuple((type(part), part) for part in selection)
+
+
+def plan_jobs(
+    context: SweepContext,
+    component: str,
+    cells: Sequence[Cell],
+    target: str,
+    source: Source,
+    *,
+    memory_budget: int = DEFAULT_BUDGET,
+) -> list[CellsJob]:
+    """The cells cut into jobs: sorted by where they start (layer, then first patched
+    position), so a runner that skips unchanged work starts each chunk as late as it can, and
+    cut at the memory budget and the runner's cap on computed (row, position) pairs."""
+    run = context.runs[target]
+    B, P = run.tokens.shape
+    first_pos = _first_positions(context, cells, B, P)
+    order = sorted(range(len(cells)), key=lambda i: (cells[i].layer, int(first_pos[i].min())))
+    per_variant = context.runner.bytes_per_variant(context.facts, context.metric, B, P)
+    size = max(1, min(len(cells), memory_budget // max(per_variant, 1)))
+    first_read = context.metric.reads.min(-1).values  # [B]
+    # (row, position) pairs a variant computes: from its first patched or read position on
+    pairs = [int((P - torch.minimum(f.clamp(max=P - 1), first_read)).sum()) for f in first_pos]
+    return [
+        CellsJob(component, target, source, tuple(cells[i] for i in idx), tuple(idx))
+        for idx in _chunks(order, size, pairs, context.runner.chunk_pairs)
+    ]
 
 
 def run_cells(
-    model: Any,
-    facts: ModelFacts,
-    prompts: PromptSet,
-    component: str,
-    cells: Sequence[Cell],
-    run: Run,
-    metric: Metric | Callable[[Tensor], Tensor],
+    context: SweepContext,
+    jobs: Sequence[CellsJob],
+    executor: Executor,
     *,
-    memory_budget: int = DEFAULT_BUDGET,
-    fast: Any = None,
     progress: bool = True,
     desc: str = "sweep",
 ) -> Float[Tensor, "cell batch"]:
-    """The metric per cell and prompt, ``[len(cells), batch]``."""
-    info = component_info(component)
-    B, P = run.tokens.shape
-    d = pos_dim(component)
-    masks = [
-        activation_mask(facts, component, per_prompt_positions(c.positions, B, P, prompts), c.heads)
-        for c in cells
-    ]
-    first_pos = [_first_positions(m, d, B) for m in masks]
-    # Cells sorted by where they start, so a fast-path chunk starts as late as it can.
-    order = sorted(range(len(cells)), key=lambda i: (cells[i].layer, int(first_pos[i].min())))
-    reads_only = isinstance(metric, Metric)  # else the fast path computes every position
-    per_variant = _bytes_per_variant(facts, B, P, fast is not None and reads_only)
-    chunk = max(1, min(len(cells), memory_budget // max(per_variant, 1)))
-    pairs = [int((P - f.clamp(max=P - 1)).sum()) if reads_only else B * P for f in first_pos]
-    cap = FAST_CHUNK_PAIRS if fast is not None else None
-    out = torch.empty(len(cells), B)
-    bar = tqdm(total=len(cells), desc=desc, disable=not progress, leave=False)
-    try:
-        for idx in _chunks(order, chunk, pairs, cap):
-            values = _run_chunk(
-                model, info.name, [cells[i] for i in idx], [masks[i] for i in idx],
-                torch.stack([first_pos[i] for i in idx]), run, metric, fast, d,
-            )
-            out[torch.tensor(idx)] = values.detach().float().cpu()
-            bar.update(len(idx))
-    finally:
-        bar.close()
+    """The metric per cell and prompt, ``[n_cells, batch]``: ``jobs`` run by ``executor``."""
+    results = executor.run(jobs, context, progress=progress, desc=desc)
+    n_cells = sum(len(job.cells) for job in jobs)
+    out = torch.empty(n_cells, len(context.prompts))
+    if len(results) != len(jobs):
+        raise HookpatchError(
+            f"executor= returned {len(results)} results for {len(jobs)} jobs; an executor must return "
+            "one result per job, in the jobs' order."
+        )
+    for job, values in zip(jobs, results, strict=True):
+        out[torch.tensor(job.index, dtype=torch.long)] = values
     return out
 
 
@@ -152,144 +226,3 @@ def _chunks(order: list[int], size: int, weight: Sequence[int], cap: int | None)
             total = weight[i]
     return chunks
 
-
-def _selected_positions(mask: Tensor, d: int, B: int) -> Bool[Tensor, "batch pos"]:
-    """Per prompt, the (query) positions where ``mask`` selects anything."""
-    along = mask.movedim(d, -1)
-    return along.reshape(along.shape[0], -1, along.shape[-1]).any(1).expand(B, -1)
-
-
-def _first_positions(mask: Tensor, d: int, B: int) -> Int[Tensor, " batch"]:
-    """Per prompt, the earliest position ``mask`` selects (``n_pos`` where it selects none)."""
-    along = _selected_positions(mask, d, B)
-    return torch.where(along.any(-1), along.int().argmax(-1), along.shape[-1])
-
-
-def _bytes_per_variant(facts: ModelFacts, B: int, P: int, reads_only: bool) -> int:
-    """A generous estimate of the memory one stacked variant needs during a forward
-    (``reads_only``: logits at one position per prompt rather than all)."""
-    per_pos = facts.d_model * 10 + facts.n_heads * (P * 3 + facts.d_head * 4) + (facts.d_mlp or 4 * facts.d_model) * 3
-    logits = 0 if reads_only else P * facts.d_vocab
-    return 4 * B * (P * per_pos + logits + facts.d_vocab)
-
-
-def _stacked_hooks(
-    component: str, cells: Sequence[Cell], masks: Sequence[Tensor], run: Run, B: int, d: int
-) -> dict[str, partial]:
-    """One hook per patched layer whose mask selects only that layer's variant rows."""
-    info = component_info(component)
-    V = len(cells)
-    hooks = {}
-    for layer in sorted({c.layer for c in cells}):
-        stacked = []
-        for c, m in zip(cells, masks, strict=True):
-            m = m.expand(B, *m.shape[1:])
-            stacked.append(m if c.layer == layer else torch.zeros_like(m))
-        mask = torch.cat(stacked)  # [V * B, ...]
-        source = run.sources(layer)
-        if source.ndim and source.shape[0] == B > 1:  # per-prompt sources; [1, ...] broadcasts
-            source = source.repeat(V, *([1] * (source.ndim - 1)))  # [V * B, ...]
-        hooks[info.hook_name(layer)] = partial(replace_where, mask=mask, source=source, pos_dim=d)
-    return hooks
-
-
-def _run_chunk(
-    model: Any,
-    component: str,
-    cells: Sequence[Cell],
-    masks: Sequence[Tensor],
-    first_pos: Int[Tensor, "variant batch"],
-    run: Run,
-    metric: Metric | Callable[[Tensor], Tensor],
-    fast: Any,
-    d: int,
-) -> Float[Tensor, "variant batch"]:
-    """Metric values ``[V, B]`` for one chunk of cells."""
-    B, P = run.tokens.shape
-    V = len(cells)
-    with torch.no_grad():
-        if fast is not None:
-            values = _run_fast(model, fast, component, cells, masks, first_pos, run, metric, d)
-        else:
-            hooks = _stacked_hooks(component, cells, masks, run, B, d)
-            logits = model.run_with_hooks(run.tokens.repeat(V, 1), fwd_hooks=list(hooks.items()))
-            values = metric(logits.reshape(V, B, P, -1))
-    return require_metric_values(values, (V, B))
-
-
-def _run_fast(
-    model: Any,
-    fast: Any,
-    component: str,
-    cells: Sequence[Cell],
-    masks: Sequence[Tensor],
-    first_pos: Int[Tensor, "variant batch"],
-    run: Run,
-    metric: Metric | Callable[[Tensor], Tensor],
-    d: int,
-) -> Tensor:
-    """The fast path: variant ``v``'s rows join at its cell's layer (or, for a
-    :data:`RESUMABLE` component, at the next one) and compute from their first patched
-    position (or read position, if earlier) on."""
-    from hookpatch.sweeps.fastpath import frozen_kv_from_cache
-
-    V, B = first_pos.shape
-    P = run.tokens.shape[1]
-    layers = torch.tensor([c.layer for c in cells])  # [V]
-    if component in RESUMABLE:
-        resid = _finish_patched_blocks(fast, component, cells, masks, run, B, d)
-        start, hooks = layers + 1, {}
-    else:
-        resid = torch.cat([run.cache[f"blocks.{c.layer}.hook_resid_pre"] for c in cells])
-        start, hooks = layers, _stacked_hooks(component, cells, masks, run, B, d)
-    if isinstance(metric, Metric):
-        read = metric.read_positions.to(first_pos.device)  # [B]
-        active_from = torch.minimum(first_pos, read).flatten()  # [V * B]
-        read_pos = read.repeat(V).unsqueeze(-1)  # [V * B, 1]
-    else:  # a callable may read any position: return them all
-        active_from = torch.zeros(V * B, dtype=torch.long)
-        read_pos = torch.arange(P).expand(V * B, P)
-    final = fast.run(  # the unembedding's input at the reads
-        resid, start.repeat_interleave(B), hooks=hooks, read_pos=read_pos, active_from=active_from,
-        frozen_kv=frozen_kv_from_cache(run.cache, int(start.min()), model), unembed=False,
-    )
-    if isinstance(metric, Metric):
-        return metric.from_unembed_input(final.view(V, B, -1), model, fast.unembed)
-    return metric(fast.unembed(final).view(V, B, P, -1))
-
-
-def _finish_patched_blocks(
-    fast: Any,
-    component: str,
-    cells: Sequence[Cell],
-    masks: Sequence[Tensor],
-    run: Run,
-    B: int,
-    d: int,
-) -> Float[Tensor, "rows pos d_model"]:
-    """For a :data:`RESUMABLE` component: per variant row, the residual stream entering the
-    block after the cell's layer — the run's, except at the patched positions, where the
-    patched block is finished from the patched activation (``[V * B, pos, d_model]``)."""
-    from hookpatch.sweeps.fastpath import FastHook
-
-    point, base_point = RESUMABLE[component]
-    info = component_info(component)
-    n = fast.n_layers
-    after = lambda i: f"blocks.{i + 1}.hook_resid_pre" if i + 1 < n else f"blocks.{n - 1}.hook_resid_post"  # noqa: E731
-    layers = [c.layer for c in cells]
-    resid = torch.cat([run.cache[after(layer)] for layer in layers])  # [V * B, pos, d_model], a new tensor
-    for layer in sorted(set(layers)):
-        vs = [v for v, at in enumerate(layers) if at == layer]
-        name = info.hook_name(layer)
-        hook = _stacked_hooks(component, [cells[v] for v in vs], [masks[v] for v in vs], run, B, d)[name]
-        own = run.cache[name]  # [B, pos, ...]: the run's own activation
-        act = hook(own.repeat(len(vs), *([1] * (own.ndim - 1))), FastHook(name, layer, 0))
-        where = torch.cat([_selected_positions(masks[v], d, B) for v in vs]).to(act.device)  # [len(vs) * B, pos]
-        base = None
-        if base_point is not None:
-            base = run.cache[f"blocks.{layer}.{base_point}"].repeat(len(vs), 1, 1)[where]  # [n, d_model]
-        rows = (torch.tensor(vs).unsqueeze(-1) * B + torch.arange(B)).flatten().to(resid.device)  # [len(vs) * B]
-        block = resid[rows]
-        block[where] = fast.resume_block(layer, point, base, act[where])
-        resid[rows] = block
-    return resid

@@ -4,8 +4,10 @@ Activation patching, ablation and attribution patching share one grid vocabulary
 ``("layer", "pos")``, ``("layer", "head")``, ``("layer", "pos", "head")`` or ``("layer",)``;
 positions are columns or names of the prompt set (default: every column, or for padded
 prompts of different lengths the prompt set's named positions, see :func:`default_positions`);
-heads are query heads for z/q/pattern and KV heads for k/v. Building a grid checks every
-index, so bad input fails before any run.
+heads are the component's head axis in the component table: query heads for
+z/q/pattern/result/q_input, KV heads for k/v/k_input/v_input (labelled ``KV0`` under
+grouped-query attention, ``H0`` otherwise). Building a grid checks every index, so bad input
+fails before any run.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import Tensor
 from hookpatch.checks import IntsLike, as_int, as_ints, is_int, require_prompts
 from hookpatch.errors import HookpatchError
 from hookpatch.hooks.selection import per_prompt_positions
-from hookpatch.model.facts import ModelFacts, component_info, model_facts
+from hookpatch.model.facts import COMPONENTS, ModelFacts, component_info, model_facts
 from hookpatch.tasks.promptset import END, PromptSet
 
 GRIDS = (("layer", "pos"), ("layer", "head"), ("layer", "pos", "head"), ("layer",))
@@ -61,8 +63,9 @@ class Grid:
         return torch.stack(cols).long() if cols else torch.zeros(0, len(prompts), dtype=torch.long)
 
     def info(self) -> dict[str, Any]:
-        """Facts a result should carry: for grouped-query k/v, which query heads each KV head feeds."""
-        if self.facts.grouped_query and self.component in ("k", "v"):
+        """Facts a result should carry: for a component on KV heads under grouped-query
+        attention (k, v, k_input, v_input), which query heads each KV head feeds."""
+        if self.facts.grouped_query and component_info(self.component).head_axis == "kv_head":
             return {
                 "kv_head_feeds": {
                     f"KV{k}": [f"H{h}" for h in self.facts.query_heads_of_kv_head(k)]
@@ -100,8 +103,9 @@ class Grid:
         if by not in GRIDS:
             raise HookpatchError(f"unknown grid by={by}; expected one of {GRIDS}.")
         if "head" in by and info.head_axis is None:
+            with_heads = ", ".join(c.name for c in COMPONENTS.values() if c.head_axis is not None)
             raise HookpatchError(
-                f"component {component!r} has no heads; a grid by head needs z, q, k, v or pattern."
+                f"component {component!r} has no heads; a grid by head needs one of {with_heads}."
             )
         layer_list = tuple(facts.check_layer(layer) for layer in (range(facts.n_layers) if layers is None else layers))
         labels = {"layer": tuple(str(layer) for layer in layer_list)}

@@ -18,26 +18,26 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor
 
+from hookpatch._provenance import Provenance, grid_facts, run_facts
 from hookpatch.checks import (
     IntLike,
     IntsLike,
     as_int,
+    as_metric,
     metric_name,
     require_finite_result,
     require_finite_runs,
-    require_metric,
     require_metric_values,
 )
 from hookpatch.errors import HookpatchError
-from hookpatch.hooks.factory import ABLATIONS, ablation_source
+from hookpatch.hooks.factory import ABLATIONS
 from hookpatch.metrics.base import Metric
-from hookpatch.model.facts import component_info
 from hookpatch.model.loading import require_eval
 from hookpatch.results import SweepResult
-from hookpatch.sweeps.engine import DEFAULT_BUDGET, Cell, Run, fast_cache_names, run_cells
+from hookpatch.runners import Runner, require_executor, runner_for
+from hookpatch.sweeps.engine import DEFAULT_BUDGET, Cell, Source, SweepContext, plan_jobs, run_cells
 from hookpatch.sweeps.grid import Grid
 from hookpatch.tasks.promptset import PromptSet
 
@@ -58,6 +58,7 @@ def patch_sweep(
     memory_budget: int = DEFAULT_BUDGET,
     fast: bool | None = None,
     progress: bool = True,
+    executor: Any = None,  # an Executor; checked by require_executor
 ) -> SweepResult:
     """Activation patching of ``component`` over a grid, one result per cell and prompt.
 
@@ -78,8 +79,13 @@ def patch_sweep(
             every column; for padded prompts of different lengths, the prompt set's named
             positions (IOI: IO, S1, S1+1, S2, END), since a column may be padding in some prompt.
         memory_budget: bytes one stacked forward may use; decides the chunk size only.
-        fast: use the direct block runner (default: when the model family supports it).
-        progress: show a progress bar over chunks.
+        fast: None (default) uses hookpatch's direct block runner where the model family has
+            one and it matches the bridge on a probe (else the bridge's hooks, with a warning
+            if the probe failed); False always the bridge's hooks; True the fast runner or an
+            error.
+        progress: show a progress bar over jobs (stacked chunks of cells).
+        executor: runs the sweep's jobs (default: :class:`hookpatch.runners.InProcessExecutor`,
+            in order, in this process).
 
     Returns:
         A :class:`SweepResult` with ``values[*grid, batch]``.
@@ -87,14 +93,9 @@ def patch_sweep(
     if direction not in DIRECTIONS:
         raise HookpatchError(f"unknown direction {direction!r}; expected one of {DIRECTIONS}.")
     ctx = _Context.build(model, prompts, metric, component, by, layers, positions, heads, fast, memory_budget)
-    run_tokens, source_cache = (
-        (prompts.corrupted_tokens, ctx.clean_cache) if direction == "denoising"
-        else (prompts.clean_tokens, ctx.corrupted_cache)
-    )
-    run_cache = ctx.corrupted_cache if direction == "denoising" else ctx.clean_cache
-    hook = component_info(component).hook_name
-    run = Run(run_tokens, run_cache, lambda layer: source_cache[hook(layer)])
-    return ctx.sweep(run, metric, memory_budget, progress, {"direction": direction, "method": "patch"})
+    target, source = ("corrupted", "clean") if direction == "denoising" else ("clean", "corrupted")
+    return ctx.sweep(target, Source(source), memory_budget, progress, executor,
+                     {"direction": direction, "method": "patch"})
 
 
 def ablation_sweep(
@@ -112,6 +113,7 @@ def ablation_sweep(
     memory_budget: int = DEFAULT_BUDGET,
     fast: bool | None = None,
     progress: bool = True,
+    executor: Any = None,  # an Executor; checked by require_executor
 ) -> SweepResult:
     """Ablate ``component`` in the clean run over a grid: ``how`` is zero, mean or resample.
 
@@ -124,37 +126,23 @@ def ablation_sweep(
         raise HookpatchError(f"unknown ablation {how!r}; expected one of {ABLATIONS}.")
     seed = as_int(seed, "seed")
     ctx = _Context.build(model, prompts, metric, component, by, layers, positions, heads, fast, memory_budget)
-    hook = component_info(component).hook_name
-    run = Run(
-        prompts.clean_tokens,
-        ctx.clean_cache,
-        lambda layer: ablation_source(ctx.clean_cache[hook(layer)], how, seed=seed),
-    )
-    return ctx.sweep(run, metric, memory_budget, progress, {"method": how, "ablation": how, "seed": seed})
-
-
-def _fast_runner_class() -> Any:
-    """The fast block runner's class, or None where it is not installed."""
-    try:
-        from hookpatch.sweeps.fastpath import FastForward
-    except ImportError:
-        return None
-    return FastForward
+    return ctx.sweep("clean", Source("clean", how, seed), memory_budget, progress, executor,
+                     {"method": "ablation", "ablation": how, "seed": seed})
 
 
 @dataclass(frozen=True)
 class _Context:
-    """Checked inputs of a sweep: its grid and cells, the runner, the two cached runs and the
-    metric on each (the baselines)."""
+    """Checked inputs of a sweep: its grid and cells, the metric (wrapped once into a
+    :class:`Metric`), the runner, the two cached runs and the metric on each (the baselines)."""
 
     model: Any
     prompts: PromptSet
     component: str
     grid: Grid
     cells: list[Cell]
-    fast: Any
-    clean_cache: Any
-    corrupted_cache: Any
+    metric: Metric
+    runner: Runner
+    work: SweepContext  # what the jobs run against
     clean: Tensor  # [batch]
     corrupted: Tensor  # [batch]
 
@@ -162,63 +150,46 @@ class _Context:
     def build(cls, model, prompts, metric, component, by, layers, positions, heads, fast, memory_budget) -> _Context:
         require_eval(model)
         as_int(memory_budget, "memory_budget", minimum=1, hint=" (bytes one stacked forward may use, e.g. 2**30)")
-        require_metric(metric, prompts)
+        metric = as_metric(metric, prompts)
         grid = Grid.build(model, prompts, component, by, layers, positions, heads)
-        runner = None
-        if fast is not False:
-            FastForward = _fast_runner_class()
-            if FastForward is not None and FastForward.supports(model):
-                runner = FastForward(model, resid_mid_edits_residual=True)
-            elif fast:
-                raise HookpatchError("fast=True but this model's family has no fast path; pass fast=None.")
+        runner = runner_for(model, fast)
         cells = [Cell(layer, pos, head) for layer, pos, head in grid.cells()]
         B = len(prompts)
-        with torch.no_grad():
-            if runner is not None:  # both runs in one forward, caching only what the sweep reads
-                names = fast_cache_names(component, grid.layers, grid.facts.n_layers, runner.rotary)
-                tokens = torch.cat([prompts.clean_tokens, prompts.corrupted_tokens])
-                read = metric.read_positions.repeat(2) if isinstance(metric, Metric) else None
-                logits, cache = runner.run_with_cache(tokens, names, read_pos=read)
-                clean_cache = {name: act[:B] for name, act in cache.items()}
-                corrupted_cache = {name: act[B:] for name, act in cache.items()}
-                if isinstance(metric, Metric):
-                    clean, corrupted = metric.from_final(logits[:B, 0]), metric.from_final(logits[B:, 0])
-                else:
-                    clean, corrupted = metric(logits[:B]), metric(logits[B:])
-            else:
-                clean_logits, clean_cache = model.run_with_cache(prompts.clean_tokens)
-                corrupted_logits, corrupted_cache = model.run_with_cache(prompts.corrupted_tokens)
-                clean, corrupted = metric(clean_logits), metric(corrupted_logits)
+        tokens = {"clean": prompts.clean_tokens, "corrupted": prompts.corrupted_tokens}
+        runs = runner.cache_runs(tokens, metric, component, grid.layers)
+        clean, corrupted = runs["clean"].values, runs["corrupted"].values
         require_finite_runs(metric, {"clean": require_metric_values(clean, (B,)),
                                      "corrupted": require_metric_values(corrupted, (B,))})
+        work = SweepContext(model, grid.facts, prompts, metric, runner, runs)
         return cls(
-            model=model, prompts=prompts, component=component, grid=grid, cells=cells,
-            fast=runner, clean_cache=clean_cache, corrupted_cache=corrupted_cache,
+            model=model, prompts=prompts, component=component, grid=grid, cells=cells, metric=metric,
+            runner=runner, work=work,
             clean=clean.detach().float().cpu(), corrupted=corrupted.detach().float().cpu(),
         )
 
-    def sweep(self, run: Run, metric, memory_budget: int, progress: bool, info: dict) -> SweepResult:
-        values = run_cells(
-            self.model, self.grid.facts, self.prompts, self.component, self.cells, run, metric,
-            memory_budget=memory_budget, fast=self.fast, progress=progress,
-            desc=f"{info['method']} {self.component}",
+    def sweep(
+        self, target: str, source: Source, memory_budget: int, progress: bool, executor: Any,
+        how: dict[str, Any],
+    ) -> SweepResult:
+        """Patch every cell's ``source`` into the cached run ``target``; ``how`` holds the
+        provenance fields of the intervention (method, direction or ablation and seed)."""
+        metric = self.metric
+        executor = require_executor(executor)
+        provenance = Provenance(
+            kind="patched_metric", component=self.component, runner=self.runner.name,
+            grid=grid_facts(self.grid), **run_facts(self.model, self.prompts, metric), **how,
         )
-        describe = metric.describe() if isinstance(metric, Metric) else {"name": getattr(metric, "__name__", "metric")}
+        jobs = plan_jobs(self.work, self.component, self.cells, target, source, memory_budget=memory_budget)
+        desc = f"{provenance.method_label} {self.component}"
+        values = run_cells(self.work, jobs, executor, progress=progress, desc=desc)
         result = SweepResult(
             values=values.reshape(*self.grid.shape, len(self.prompts)),
             axes=self.grid.by,
             labels=self.grid.labels,
             clean=self.clean,
             corrupted=self.corrupted,
-            info={
-                "component": self.component,
-                "metric": describe,
-                "task": self.prompts.task,
-                "runner": "fast" if self.fast is not None else "bridge",
-                **self.grid.info(),
-                **info,
-            },
+            provenance=provenance,
         )
-        done = "patching" if info["method"] == "patch" else f"{info['method']} ablation"
+        done = "patching" if provenance.method == "patch" else provenance.method_label
         require_finite_result(result, f"the metric {metric_name(metric)} after {done}")
         return result

@@ -10,6 +10,7 @@ attends to a pad.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -132,6 +133,25 @@ class PromptSet:
                 f"unknown position name {name!r}; this {self.task} prompt set has "
                 f"{sorted(self.positions)}."
             ) from None
+
+    def fingerprint(self) -> str:
+        """A stable hash of what a run reads: tokens, answers, named positions, lengths, padding.
+
+        Two prompt sets with the same fingerprint give the same numbers in every sweep; the
+        texts, task name and metadata are not part of it (they do not reach the model). The
+        hash is a sha256 (first 16 hex digits) of the tensors as int64 little-endian bytes,
+        so it does not change with the device or the integer dtype the tokens are kept in.
+        """
+        digest = hashlib.sha256()
+        parts = [("clean_tokens", self.clean_tokens), ("corrupted_tokens", self.corrupted_tokens),
+                 ("answer_tokens", self.answer_tokens), ("lengths", self.lengths),
+                 ("pad_token_id", torch.tensor([self.pad_token_id]))]
+        parts += [(f"position {name}", self.positions[name]) for name in sorted(self.positions)]
+        for name, tensor in parts:
+            data = tensor.detach().to("cpu", torch.int64).contiguous()
+            digest.update(f"{name} {tuple(data.shape)};".encode())
+            digest.update(data.numpy().astype("<i8").tobytes())
+        return digest.hexdigest()[:16]
 
     def position_labels(self, prompt: int = 0) -> list[str]:
         """Axis labels ``"i: token"`` for every column, from prompt ``prompt``'s tokens.

@@ -11,12 +11,12 @@ from collections.abc import Sequence
 import plotly.graph_objects as go
 
 from hookpatch.errors import HookpatchError
-from hookpatch.hooks.factory import ABLATIONS
 from hookpatch.results import SweepResult
 
 AXIS_TITLES = {"layer": "Layer", "pos": "Position", "head": "Head", "point": "Layer point",
                "component": "Component", "neuron": "Neuron"}
 
+# Display titles by method, or by the kind of ablation for ablations.
 METHOD_TITLES = {
     "patch": "Activation patching",
     "zero": "Zero ablation",
@@ -29,8 +29,6 @@ METHOD_TITLES = {
     "dla_heads": "Direct logit attribution by head",
     "dla_neurons": "Direct logit attribution by neuron",
 }
-
-ABLATION_METHODS = ABLATIONS
 
 
 def require_axes(result: SweepResult, allowed: Sequence[tuple[str, ...]], view: str, hint: str = "") -> None:
@@ -50,44 +48,47 @@ def axis_title(axis: str) -> str:
 
 
 def metric_name(result: SweepResult) -> str:
-    """The metric's name as the result's ``info`` describes it (``"metric"`` if unknown)."""
-    metric = result.info.get("metric") or {}
-    return str(metric.get("name", "metric")) if isinstance(metric, dict) else str(metric)
+    """The metric's name as the result's provenance records it."""
+    return result.provenance.metric.name
 
 
 def normalized(result: SweepResult) -> bool:
     """Whether the result's metric is normalized so that clean = 1 and corrupted = 0."""
-    metric = result.info.get("metric") or {}
-    return isinstance(metric, dict) and "normalization" in metric
+    return result.provenance.metric.normalized
+
+
+def method_title(result: SweepResult) -> str:
+    """The method as a title: ``"Activation patching"``, ``"Mean ablation"``, ``"Logit lens"``, ..."""
+    p = result.provenance
+    key = p.ablation or p.method
+    return METHOD_TITLES.get(key, key if key != "unknown" else "Result")
 
 
 def value_title(result: SweepResult) -> str:
     """What a cell's value is: the metric, a metric change (attribution), or a DLA share."""
-    method = result.info.get("method")
+    p = result.provenance
     name = metric_name(result)
-    if method in ("attribution", "integrated_gradients"):
+    if p.kind == "attribution_estimate":
         text = f"estimated Δ {name}"
-    elif method in ("dla", "dla_heads", "dla_neurons"):
+    elif p.kind == "effect":
         text = f"DLA ({name})"
-    elif method in ABLATION_METHODS:
+    elif p.ablation is not None:
         text = f"{name} after ablation"
     else:
         text = name
-    if normalized(result) and method not in ("attribution", "integrated_gradients"):
+    if normalized(result) and p.kind != "attribution_estimate":
         text += "<br>1 = clean, 0 = corrupted"
     return text
 
 
 def default_title(result: SweepResult) -> str:
-    """A title from the result's info: method, component, direction and metric."""
-    method = result.info.get("method")
-    text = METHOD_TITLES.get(str(method), str(method) if method else "Result")
-    component = result.info.get("component")
-    if component:
-        text += f" of {component}"
-    direction = result.info.get("direction")
-    if direction and method not in ABLATION_METHODS:
-        text += f" ({direction})"
+    """A title from the result's provenance: method, component, direction and metric."""
+    p = result.provenance
+    text = method_title(result)
+    if p.component:
+        text += f" of {p.component}"
+    if p.direction and p.ablation is None:
+        text += f" ({p.direction})"
     return f"{text}: {metric_name(result)}"
 
 

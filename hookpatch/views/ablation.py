@@ -12,7 +12,7 @@ import plotly.graph_objects as go
 
 from hookpatch.errors import HookpatchError
 from hookpatch.results import SweepResult
-from hookpatch.views._common import ABLATION_METHODS, heatmap, require_axes, value_title
+from hookpatch.views._common import heatmap, require_axes, value_title
 from hookpatch.views._effects import with_effect_hover
 
 
@@ -30,11 +30,10 @@ def ablation_heatmap(result: SweepResult, *, title: str | None = None) -> go.Fig
     """
     require_axes(result, [("layer", "head"), ("layer", "pos")], "ablation_heatmap",
                  "Run ablation_sweep with by=('layer', 'head') or ('layer', 'pos').")
-    method = result.info.get("method")
-    if method is not None and method not in ABLATION_METHODS:
+    if result.provenance.ablation is None:
         raise HookpatchError(
-            f"ablation_heatmap draws ablation results (method zero, mean or resample); this result's "
-            f"method is {method!r}. Use patching_heatmap for patching and attribution results."
+            f"ablation_heatmap draws ablation results (zero, mean or resample); this result's "
+            f"method is {result.provenance.method!r}. Use patching_heatmap for patching and attribution results."
         )
     clean = float(result.clean.float().mean())
     colorbar = f"{value_title(result)}<br>midpoint = clean {clean:.4g}"

@@ -28,7 +28,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from hookpatch.errors import HookpatchError
-from hookpatch.model.facts import model_facts
+from hookpatch.model.facts import hook_name, model_facts
 from hookpatch.model.loading import require_eval
 from hookpatch.tasks.promptset import PromptSet
 
@@ -131,9 +131,9 @@ def attention_view(
     tokens = prompts.clean_tokens if run == "clean" else prompts.corrupted_tokens
     str_tokens = (prompts.clean_str_tokens if run == "clean" else prompts.corrupted_str_tokens)[prompt]
     layers = sorted({layer for layer, _ in pairs})
-    names = {f"blocks.{layer}.attn.hook_pattern" for layer in layers}
+    names = {hook_name("pattern", layer) for layer in layers}
     _, cache = model.run_with_cache(tokens[prompt : prompt + 1, :length], names_filter=lambda n: n in names)
-    patterns = torch.stack([cache[f"blocks.{layer}.attn.hook_pattern"][0, head] for layer, head in pairs])
+    patterns = torch.stack([cache[hook_name("pattern", layer)][0, head] for layer, head in pairs])
     text = (prompts.clean_prompts if run == "clean" else prompts.corrupted_prompts)[prompt]
     return AttentionView(
         patterns=patterns.float().cpu(),

@@ -26,7 +26,7 @@ def comparison_scatter(comparison: Comparison, *, title: str | None = None) -> g
             f"comparison_scatter needs a Comparison from hookpatch.compare(...); got {type(comparison).__name__}."
         )
     df = comparison.to_dataframe()
-    method = METHOD_TITLES.get(str(comparison.attribution.info.get("method")), "Attribution")
+    method = METHOD_TITLES.get(comparison.attribution.provenance.method, "Attribution")
     name = metric_name(comparison.activation)
     x, y = df["attribution"].tolist(), df["activation"].tolist()
     lo, hi = min(x + y), max(x + y)
@@ -40,7 +40,7 @@ def comparison_scatter(comparison: Comparison, *, title: str | None = None) -> g
         textposition="top left", line={"dash": "dash", "color": "gray"}, hoverinfo="skip",
     ))
     if title is None:
-        component = comparison.activation.info.get("component")
+        component = comparison.activation.provenance.component
         title = (f"{method} vs activation patching" + (f" of {component}" if component else "")
                  + f"<br><sup>Pearson r = {comparison.pearson!r}, Spearman ρ = {comparison.spearman!r}"
                  + f" ({comparison.level:.0%} CI)</sup>")

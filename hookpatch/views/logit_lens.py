@@ -44,7 +44,7 @@ def logit_lens_line(
     if any(r.labels["point"] != results[0].labels["point"] for r in results):
         raise HookpatchError("logit_lens_line: the results have different layer points; use the same incl_mid.")
     if names is None:
-        names = [str(r.info.get("convention", f"result {i}")) for i, r in enumerate(results)]
+        names = [r.provenance.convention or f"result {i}" for i, r in enumerate(results)]
     elif len(names) != len(results):
         raise HookpatchError(f"names has {len(names)} entries for {len(results)} results; give one per result.")
     points = list(results[0].labels["point"])

@@ -1,8 +1,8 @@
 """Pure tensor operations of the fast path, in the bridge's exact order of operations.
 
 Each function mirrors one step of TransformerBridge's compatibility-mode forward (see
-:mod:`hookpatch.sweeps.fastpath`), including where it upcasts to float32, so that the fast
-path agrees with the bridge to float rounding; :func:`causal_attention` is the one fused
+:mod:`hookpatch.runners.fast`), including where it upcasts to float32, so that the fast
+path agrees with the bridge to float rounding; :func:`fused_attention` is the one fused
 shortcut (torch's SDPA, for when no hook reads the scores or pattern), equal to float32
 rounding. Activations are the fast path's packed ``[n, ...]`` rows or ``[batch, pos, ...]``
 grids, as each signature says. Nothing here holds state or fires hooks.
@@ -63,11 +63,22 @@ def apply_rotary(
 
 
 def causal_mask(
-    query_pos: Int[Tensor, "*#lead pos"], n_keys: int
+    query_pos: Int[Tensor, "*#lead pos"], n_keys: int, window: int | None = None
 ) -> Bool[Tensor, "*#lead 1 pos key_pos"]:
-    """True where a query at absolute position ``query_pos`` may attend key ``0..n_keys-1``."""
+    """True where a query at absolute position ``query_pos`` may attend key ``0..n_keys-1``:
+    keys at or before it, and with a sliding ``window`` only the last ``window`` of those
+    (HuggingFace's ``query - key < window``)."""
     keys = torch.arange(n_keys, device=query_pos.device)
-    return (keys <= query_pos.unsqueeze(-1)).unsqueeze(-3)
+    delta = query_pos.unsqueeze(-1) - keys  # [*lead, pos, key_pos]
+    allowed = delta >= 0
+    if window is not None:
+        allowed = allowed & (delta < window)
+    return allowed.unsqueeze(-3)
+
+
+def soft_cap(x: Float[Tensor, "*shape"], cap: float) -> Float[Tensor, "*shape"]:
+    """``cap * tanh(x / cap)``: Gemma 2's soft cap of attention scores and final logits."""
+    return torch.tanh(x / cap) * cap
 
 
 def attention_scores(
@@ -75,8 +86,10 @@ def attention_scores(
     k: Float[Tensor, "batch key_pos kv_head d_head"],
     mask: Bool[Tensor, "*#lead #head pos key_pos"],
     scale: float,
+    softcap: float | None = None,
 ) -> Float[Tensor, "batch head pos key_pos"]:
-    """Masked ``q.k * scale``; grouped-query heads share K through a reshape, never a copy of K.
+    """Masked ``q.k * scale`` (soft-capped before the mask where ``softcap`` is set);
+    grouped-query heads share K through a reshape, never a copy of K.
 
     Query head ``h`` reads KV head ``h // (n_heads // n_kv_heads)``, as HF's ``repeat_kv``.
     """
@@ -85,6 +98,8 @@ def attention_scores(
     q_g = q.transpose(1, 2).reshape(b, n_kv, (n_heads // n_kv) * p, d_head)  # [b, kv, g*p, d]
     scores = torch.matmul(q_g, k.permute(0, 2, 3, 1))  # [b, kv, g*p, key_pos]
     scores = scores.view(b, n_heads, p, k.shape[1]) * scale
+    if softcap is not None:
+        scores = soft_cap(scores, softcap)
     return scores.masked_fill(~mask, float("-inf"))
 
 
@@ -97,16 +112,16 @@ def attention_pattern(
     return torch.softmax(scores, dim=-1)
 
 
-def causal_attention(
+def fused_attention(
     q: Float[Tensor, "batch pos head d_head"],
     k: Float[Tensor, "batch pos kv_head d_head"],
     v: Float[Tensor, "batch pos kv_head d_head"],
     scale: float,
 ) -> Float[Tensor, "batch pos head d_head"]:
     """``z`` of causal attention over positions ``0..pos-1`` in one fused kernel (torch's SDPA),
-    for when no hook needs the scores or the pattern; it equals :func:`attention_scores`,
-    :func:`attention_pattern` and :func:`mix_values` in sequence to float32 rounding, and
-    avoids their two small matmuls per (row, head)."""
+    for when no hook needs the scores or the pattern (and there is no soft cap or window); it
+    equals :func:`attention_scores`, :func:`attention_pattern` and :func:`mix_values` in
+    sequence to float32 rounding, and avoids their two small matmuls per (row, head)."""
     z = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
         is_causal=True, scale=scale, enable_gqa=k.shape[2] != q.shape[2],

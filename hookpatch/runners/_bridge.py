@@ -1,0 +1,71 @@
+"""The bridge runner: every forward is the TransformerBridge's own, with TransformerLens hooks.
+
+Works for any model the bridge loads. A chunk of ``V`` cells is one ``run_with_hooks`` over
+the run's prompts repeated ``V`` times, each patched layer's hook touching only its own
+variants' rows; the metric reads the full logits. Cost: every cell pays the whole forward
+(all layers, all positions, the full unembedding), which :class:`~hookpatch.runners.FastRunner`
+avoids where the model family allows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from hookpatch.metrics.base import Metric
+from hookpatch.model.facts import ModelFacts, component_info, hook_flags
+from hookpatch.runners._protocol import CachedRun, Chunk, stacked_hooks
+
+
+class BridgeRunner:
+    """Runs sweeps through the bridge's ``run_with_cache`` and ``run_with_hooks``.
+
+    Example:
+        >>> runner = BridgeRunner(model)
+        >>> runs = runner.cache_runs({"clean": prompts.clean_tokens}, metric, "z", [0, 1])
+    """
+
+    name: str = "bridge"
+    chunk_pairs: int | None = None
+
+    def __init__(self, model: Any):
+        self.model = model
+
+    def cache_runs(
+        self, runs: Mapping[str, Int[Tensor, "batch pos"]], metric: Metric, component: str, layers: Sequence[int]
+    ) -> dict[str, CachedRun]:
+        """One ``run_with_cache`` per run, keeping only the component at ``layers`` (the sources)."""
+        names = [component_info(component).hook_name(layer) for layer in layers]
+        out = {}
+        with torch.no_grad(), hook_flags(self.model, [component]):  # gated hooks (hook_result, ...) fire
+            for run, tokens in runs.items():
+                logits, cache = self.model.run_with_cache(tokens, names_filter=names)
+                out[run] = CachedRun(tokens, cache, metric(logits))
+        return out
+
+    def bytes_per_variant(self, facts: ModelFacts, metric: Metric, batch: int, n_pos: int) -> int:
+        """Activations of one variant's forward plus its full logits."""
+        return _activation_bytes(facts, batch, n_pos) + 4 * batch * (n_pos + 1) * facts.d_vocab
+
+    def run_chunk(self, chunk: Chunk, metric: Metric) -> Float[Tensor, "variant batch"]:
+        """One ``run_with_hooks`` over the stacked variants; the metric on the full logits."""
+        B, P = chunk.run.tokens.shape
+        V = len(chunk.layers)
+        hooks = stacked_hooks(chunk.component, chunk.layers, chunk.masks, chunk.sources, B, chunk.pos_dim)
+        with torch.no_grad(), hook_flags(self.model, [chunk.component]):
+            logits = self.model.run_with_hooks(chunk.run.tokens.repeat(V, 1), fwd_hooks=list(hooks.items()))
+            return metric(logits.reshape(V, B, P, -1))
+
+
+def _activation_bytes(facts: ModelFacts, batch: int, n_pos: int) -> int:
+    """A generous estimate of one forward's activations over ``batch`` rows of ``n_pos``."""
+    per_pos = (
+        facts.d_model * 10
+        + facts.n_heads * (n_pos * 3 + facts.d_head * 4)
+        + (facts.d_mlp or 4 * facts.d_model) * 3
+    )
+    return 4 * batch * n_pos * per_pos

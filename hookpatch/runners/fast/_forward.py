@@ -1,0 +1,374 @@
+"""FastForward: a compatibility-mode bridge's forward from any block, on its own weights.
+
+See :mod:`hookpatch.runners.fast` for what it is for and what it costs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from hookpatch.errors import HookpatchError
+from hookpatch.runners.fast import _block
+from hookpatch.runners.fast import _checks as checks
+from hookpatch.runners.fast import _layout as lay
+from hookpatch.runners.fast._layout import NO_HOOKS, Bound, FastHook, HookFn, Layout
+from hookpatch.runners.fast._ops import soft_cap
+from hookpatch.runners.fast._variants import variant_of
+from hookpatch.runners.fast._weights import ModelWeights, rope_table
+
+BLOCK_POINTS = (
+    "hook_resid_pre", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_attn_scores",
+    "attn.hook_pattern", "attn.hook_z", "hook_attn_out", "hook_resid_mid", "mlp.hook_pre",
+    "mlp.hook_post", "hook_mlp_out", "hook_resid_post",
+)
+ROTARY_POINTS = ("attn.hook_rot_q", "attn.hook_rot_k")
+GATED_POINTS = ("mlp.hook_pre_linear",)
+QK_NORM_POINTS = ("attn.hook_q_normed", "attn.hook_k_normed")
+# Points the bridge fires only with a config flag set (use_split_qkv_input, use_attn_result,
+# use_hook_mlp_in); the fast path fires them whenever something is bound to them.
+FLAG_POINTS = ("hook_q_input", "hook_k_input", "hook_v_input", "attn.hook_result", "hook_mlp_in")
+# Hooks that see all positions even when the last layer runs only the read rows.
+ALL_ROW_POINTS = frozenset({
+    "hook_resid_pre", "attn.hook_k", "attn.hook_v", "attn.hook_rot_k", "attn.hook_k_normed",
+    "hook_k_input", "hook_v_input",
+})
+# Points after attention, from where :meth:`FastForward.resume_block` finishes a block.
+RESUME_POINTS = ("attn.hook_z", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
+
+
+class FastForward:
+    """Runs blocks of a compatibility-mode TransformerBridge directly on its processed weights.
+
+    Example:
+        >>> fast = FastForward(model)
+        >>> logits = fast.run(cache["blocks.3.hook_resid_pre"], 3, read_pos=last_pos)
+        >>> # rows patched from different positions: each computes only positions >= its own
+        >>> logits = fast.run(resid, 3, read_pos=last_pos, active_from=first_patched,
+        ...                   frozen_kv=frozen_kv_from_cache(cache, 3, model))
+    """
+
+    @staticmethod
+    def supports(model: Any) -> bool:
+        """True for bridges in compatibility mode of a family the fast path has a variant for."""
+        return variant_of(model)[0] is not None
+
+    def __init__(self, model: Any):
+        variant, reason = variant_of(model)
+        if variant is None:
+            raise HookpatchError(
+                f"FastForward cannot run this model: {reason}. Use the bridge's own hooks "
+                "(model.run_with_hooks) for it instead."
+            )
+        cfg = model.cfg
+        self.variant: str = variant.name
+        self.n_layers: int = cfg.n_layers
+        self.n_heads: int = cfg.n_heads
+        self.n_kv_heads: int = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+        self.d_head: int = cfg.d_head
+        self.d_model: int = cfg.d_model
+        self._model = model
+        self._weights: ModelWeights = variant.extract(model)
+        self.rotary: bool = self._weights.rotary
+        # Final-logit soft cap (Gemma 2): logits = cap * tanh(unembedded / cap), not linear in
+        # the residual stream, so a metric's residual directions do not apply when it is set.
+        self.final_softcap: float | None = self._weights.final_softcap
+        # rotary table name -> (cos, sin) at positions 0..n-1, [n, d_head] each
+        self._tables: dict[str | None, tuple[Tensor, Tensor]] = {}
+        if self.rotary:
+            for table in dict.fromkeys(w.rope_table for w in self._weights.layers):
+                self._tables[table] = rope_table(model, max(int(cfg.n_ctx), 1), table)
+        layer0 = self._weights.layers[0]
+        points = BLOCK_POINTS + FLAG_POINTS + (ROTARY_POINTS if self.rotary else ())
+        points += GATED_POINTS if layer0.gate is not None else ()
+        points += QK_NORM_POINTS if layer0.q_norm is not None else ()
+        self.hook_points: tuple[str, ...] = points
+        self._hook_index: dict[str, tuple[int, str]] = {
+            f"blocks.{layer}.{point}": (layer, point) for layer in range(self.n_layers) for point in points
+        }
+
+    @property
+    def _heads(self) -> tuple[int, int, int]:
+        return self.n_heads, self.n_kv_heads, self.d_head
+
+    # ----------------------------------------------------------------------------- run
+
+    def embed(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        """``blocks.0.hook_resid_pre``: token embeddings (scaled where the variant scales
+        them), plus learned positions where used."""
+        model = self._model
+        resid = model.W_E[tokens]
+        if self._weights.embed_scale is not None:
+            resid = resid * torch.tensor(self._weights.embed_scale, dtype=resid.dtype)
+        if not self.rotary:
+            resid = resid + model.W_pos[: tokens.shape[1]]
+        return resid
+
+    def run_with_cache(
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        names: Sequence[str],
+        *,
+        read_pos: Int[Tensor, " batch"] | None = None,
+    ) -> tuple[Float[Tensor, "batch _ d_vocab"], dict[str, Tensor]]:
+        """A full forward from the embeddings: logits and copies of the ``names`` activations.
+
+        The fast counterpart of the bridge's ``run_with_cache`` for the activations a sweep
+        reads (equal to it, as the tests check); ``names`` must be hook points this runner fires.
+        Logits are ``[batch, pos, d_vocab]``, or ``[batch, 1, d_vocab]`` at ``read_pos`` only.
+        """
+        store: dict[str, Tensor] = {}
+
+        def keep(act: Tensor, hook: Any) -> None:
+            store[hook.name] = act.detach().clone()
+
+        with torch.no_grad():
+            resid = self.embed(tokens)
+            hooks = {n: keep for n in names if n != "blocks.0.hook_resid_pre"}
+            logits = self.run(resid, 0, hooks=hooks, read_pos=read_pos)
+            store["blocks.0.hook_resid_pre"] = resid.detach()
+        return logits, store
+
+    def final_norm(self, resid: Float[Tensor, "*rows d_model"]) -> Float[Tensor, "*rows d_model"]:
+        """``ln_final.hook_normalized``: the final residual stream through the final norm."""
+        return self._weights.ln_final(resid)
+
+    def unembed(self, normalized: Float[Tensor, "*rows d_model"]) -> Float[Tensor, "*rows d_vocab"]:
+        """Logits from :meth:`final_norm`'s output (soft-capped where :attr:`final_softcap` is set)."""
+        logits = _block.linear(normalized, self._weights.unembed)
+        return logits if self.final_softcap is None else soft_cap(logits, self.final_softcap)
+
+    def resume_block(
+        self,
+        layer: int,
+        point: str,
+        resid: Float[Tensor, "n d_model"] | None,
+        act: Float[Tensor, " n *rest"],
+    ) -> Float[Tensor, "n d_model"]:
+        """``blocks.{layer}.hook_resid_post`` of packed (row, position) pairs whose block is known
+        up to ``point``, where the activation is ``act`` (edited or not).
+
+        After attention a block is position-wise, so a patch there changes only the rest of the
+        block at the patched positions: a sweep finishes the block there and joins the run at
+        the next one, skipping the patched block's attention. ``point`` and ``resid``:
+
+        * ``attn.hook_z`` (``act`` ``[n, head, d_head]``) or ``hook_attn_out``: ``resid`` is
+          ``hook_resid_pre``;
+        * ``hook_resid_mid`` (``act`` is the MLP's input and the residual's): ``resid`` unused;
+        * ``hook_mlp_out``: ``resid`` is the unedited ``hook_resid_mid``;
+        * ``hook_resid_post``: ``act`` is the answer (``resid`` unused).
+
+        Same operations as :meth:`run`'s block; no hooks fire.
+        """
+        if point not in RESUME_POINTS:
+            raise HookpatchError(f"resume_block: point {point!r} is not one of {RESUME_POINTS}.")
+        if point in ("hook_resid_post", "hook_resid_mid"):
+            w = self._weights.layers[layer]
+            return act if point == "hook_resid_post" else act + _block.mlp(act, w, {}, None)
+        if resid is None:
+            raise HookpatchError(f"resume_block at {point!r} needs resid (see the docstring).")
+        w = self._weights.layers[layer]
+        if point == "hook_mlp_out":
+            return resid + act
+        if point == "attn.hook_z":
+            act = _block.attn_output(act, w, {}, None)  # [n, d_model]
+        return _block.finish(resid, act, w, {}, None)
+
+    def run(
+        self,
+        resid: Float[Tensor, "batch pos d_model"],
+        start: int | Int[Tensor, " batch"],
+        *,
+        hooks: Mapping[str, HookFn] = NO_HOOKS,
+        read_pos: Int[Tensor, " batch"] | Int[Tensor, "batch n_read"] | None = None,
+        active_from: Int[Tensor, " batch"] | None = None,
+        frozen_kv: Sequence[tuple[Tensor, Tensor]] | None = None,
+        unembed: bool = True,
+    ) -> Float[Tensor, "batch pos d_vocab"] | Float[Tensor, "batch n_read d_vocab"]:
+        """Logits from running blocks ``start..`` on ``resid``.
+
+        Args:
+            resid: the residual stream at ``blocks.{start}.hook_resid_pre`` for every position
+                (``start == n_layers``: the final one). With ``active_from``, only row ``r``'s
+                positions ``>= active_from[r]`` are read.
+            start: first block to run; with ``active_from`` also one per row (``[batch]``):
+                row ``r`` joins at block ``start[r]`` (``resid[r]`` is the residual there), so
+                rows patched at different layers share one forward.
+            hooks: TransformerLens hook name -> ``fn(activation, hook)`` returning the new
+                activation (or None to keep it); ``hook`` has ``.name`` and ``.layer()``.
+                Shapes are the bridge's. With ``active_from``, entries at a row's frozen
+                positions (before ``active_from``, or every position in blocks before the row's
+                ``start``) hold no meaningful values and edits to them are ignored: those keep
+                the unpatched run's values.
+            read_pos: positions whose logits to return, one (``[batch]``) or several
+                (``[batch, n_read]``) per row; None returns every position.
+            active_from: per row, the first position to compute; the positions before it are
+                frozen at the unpatched run (which ``frozen_kv`` comes from), so an edit must
+                only touch a row's positions ``>= active_from``. Needs ``read_pos`` (each
+                ``>= active_from`` of its row) and ``frozen_kv``.
+            frozen_kv: for each block ``l >= min(start)``, the unpatched run's ``(k, v)`` at
+                every position, ``[b, pos, kv_head, d_head]`` with ``b`` 1, ``batch`` or a
+                divisor of it (row ``r`` reads ``r % b``: variants stacked over ``b`` prompts
+                share them). ``k`` is the key attention uses: after rotary
+                (``attn.hook_rot_k``) for rotary models, ``attn.hook_k`` otherwise. See
+                :func:`frozen_kv_from_cache`.
+            unembed: False returns :meth:`final_norm`'s output (``d_model`` wide) instead of
+                the logits, for a metric that reads the residual stream through directions
+                (apply :meth:`unembed` to get logits, soft cap included).
+
+        Returns:
+            ``[batch, pos, d_vocab]`` logits, or ``[batch, n_read, d_vocab]`` with ``read_pos``.
+        """
+        batch, n_pos, d_model = resid.shape
+        if d_model != self.d_model:
+            raise HookpatchError(f"resid has d_model={d_model}; the model has {self.d_model}.")
+        if active_from is None:
+            if not isinstance(start, int):
+                raise HookpatchError("a start per row needs active_from (and frozen_kv).")
+            if frozen_kv is not None:
+                raise HookpatchError("frozen_kv is only read with active_from; pass both.")
+            checks.check_start(start, self.n_layers)
+            layout = lay.dense_layout(batch, n_pos, resid.device, self._rope)
+            x: Tensor = resid.reshape(batch * n_pos, d_model)  # [n, d_model]
+            return self._run_blocks(x, layout, start, {}, None, hooks, read_pos, None, unembed)
+        starts = checks.check_starts(start, batch, self.n_layers).to(resid.device)
+        active_from = checks.check_active(active_from, read_pos, batch, n_pos).to(resid.device)
+        first = int(starts.min())
+        checks.check_frozen(frozen_kv, first, batch, n_pos, self.n_layers, self.n_kv_heads, self.d_head)
+        joins = {  # block -> the layout once the rows starting there have joined
+            int(layer): lay.packed_layout(active_from, n_pos, starts <= layer, self._rope)
+            for layer in starts.unique().tolist()
+        }
+        return self._run_blocks(None, None, first, joins, resid, hooks, read_pos, frozen_kv, unembed)
+
+    def _run_blocks(
+        self,
+        x: Float[Tensor, "n d_model"] | None,
+        layout: Layout | None,
+        first: int,
+        joins: dict[int, Layout],
+        resid: Float[Tensor, "batch pos d_model"] | None,
+        hooks: Mapping[str, HookFn],
+        read_pos: Tensor | None,
+        known: Sequence[tuple[Tensor, Tensor]] | None,
+        unembed: bool = True,
+    ) -> Tensor:
+        """Blocks ``first..`` then the final norm and (``unembed``) the unembedding, on ``x``
+        packed by ``layout``; in per-row mode both start None and rows join from ``resid`` at
+        the blocks ``joins`` names (rows joining at ``n_layers`` skip every block)."""
+        bound = self._bind(hooks, first)
+        last_block_join = max((layer for layer in joins if layer < self.n_layers), default=first)
+        reads = None
+        at_reads = False  # x holds just the read rows of every row
+        for layer in range(first, self.n_layers + 1):
+            if layer in joins and not at_reads:
+                assert resid is not None
+                x, layout = lay.join(x, layout, joins[layer], resid), joins[layer]
+                reads = None  # the packed rows changed
+            assert x is not None and layout is not None
+            if reads is None and read_pos is not None and not at_reads and last_block_join <= layer:
+                reads = checks.read_index(read_pos.to(x.device), layout.n_pos, layout.batch)
+                read_rows = lay.packed_rows(layout, reads)  # [batch, n_read]
+            if layer == self.n_layers:
+                break
+            lh = bound[layer - first]
+            kv = None if known is None or layout.index is None else known[layer - first]
+            if reads is not None and layer == self.n_layers - 1 and lh.keys() <= ALL_ROW_POINTS:
+                x = self._last_block_at_reads(x, lh, layout, reads, read_rows, kv, resid)
+                at_reads, reads = True, None
+            else:
+                x = _block.block(x, self._weights.layers[layer], lh, layout, layout, None, kv, self._heads)
+        assert x is not None and layout is not None
+        if reads is not None:
+            x = x[read_rows.flatten()]  # [batch * n_read, d_model]
+        out = self.final_norm(x)
+        if unembed:
+            out = self.unembed(out)
+        return out.view(layout.batch, -1, out.shape[-1])
+
+    def _last_block_at_reads(
+        self,
+        x: Float[Tensor, "n d_model"],
+        lh: Bound,
+        layout: Layout,
+        reads: Int[Tensor, "batch n_read"],
+        read_rows: Int[Tensor, "batch n_read"],
+        kv: tuple[Tensor, Tensor] | None,
+        resid: Float[Tensor, "batch pos d_model"] | None,
+    ) -> Float[Tensor, "batch_n_read d_model"]:
+        """The last block with only the read positions as queries: ``[batch * n_read, d_model]``.
+
+        Rows that have not started (in per-row mode, those joining after the last block) take
+        their residual at the reads from ``resid``, where it is final already."""
+        w = self._weights.layers[-1]
+        started = layout.rows  # None: every row
+        if started is None:
+            queries = lay.read_layout(reads, self._rope)
+            return _block.block(x, w, lh, layout, queries, read_rows.flatten(), kv, self._heads)
+        assert resid is not None
+        queries = lay.read_layout(reads[started], self._rope)
+        computed = _block.block(x, w, lh, layout, queries, read_rows[started].flatten(), kv, self._heads)
+        out = resid.gather(1, reads.unsqueeze(-1).expand(-1, -1, resid.shape[-1]))  # [batch, n_read, d_model]
+        out[started] = computed.view(started.shape[0], -1, out.shape[-1])
+        return out.flatten(0, 1)
+
+    # ------------------------------------------------------------------------ helpers
+
+    def _rope(self, positions: Int[Tensor, " n"]) -> dict[str | None, tuple[Tensor, Tensor]] | None:
+        """Per rotary table, cos/sin at ``positions``, growing the tables as needed."""
+        if not self._tables:
+            return None
+        n_keys = int(positions.max()) + 1 if positions.numel() else 0
+        out = {}
+        for table, (cos, sin) in self._tables.items():
+            if n_keys > cos.shape[0]:
+                cos, sin = self._tables[table] = rope_table(self._model, max(n_keys, 2 * cos.shape[0]), table)
+            out[table] = (cos[positions], sin[positions])
+        return out
+
+    def _bind(self, hooks: Mapping[str, HookFn], start: int) -> list[Bound]:
+        """Per block from ``start``: hook point -> (callback, FastHook); unknown names raise."""
+        bound: list[Bound] = [{} for _ in range(self.n_layers - start)]
+        for name, fn in hooks.items():
+            where = self._hook_index.get(name)
+            if where is None:
+                raise HookpatchError(
+                    f"hooks: {name!r} is not a hook point FastForward fires. It fires "
+                    f"blocks.{{layer}}.<point> for point in {sorted(self.hook_points)}."
+                )
+            layer, point = where
+            if layer < start:
+                raise HookpatchError(
+                    f"hooks: {name!r} is in block {layer}, before start={start}, so it would never "
+                    "fire; patch the residual stream passed in instead."
+                )
+            bound[layer - start][point] = (fn, FastHook(name, layer))
+        return bound
+
+
+def frozen_kv_from_cache(
+    cache: Mapping[str, Tensor] | Any, start: int, model: Any
+) -> list[tuple[Tensor, Tensor]]:
+    """``(k, v)`` at every position for blocks ``start..``, from the unpatched run's cache: the
+    ``frozen_kv`` of :meth:`FastForward.run` (no copies).
+
+    ``k`` is ``blocks.{l}.attn.hook_rot_k`` (after rotary) for rotary models and
+    ``blocks.{l}.attn.hook_k`` otherwise; ``v`` is ``blocks.{l}.attn.hook_v``.
+    """
+    key = "attn.hook_rot_k" if model.cfg.positional_embedding_type == "rotary" else "attn.hook_k"
+    out = []
+    for layer in range(start, model.cfg.n_layers):
+        names = (f"blocks.{layer}.{key}", f"blocks.{layer}.attn.hook_v")
+        try:
+            k, v = (cache[name] for name in names)
+        except KeyError as err:
+            raise HookpatchError(
+                f"the cache lacks {err.args[0]!r}; run with a names_filter that keeps "
+                f"'{key}' and 'attn.hook_v' for blocks {start}.."
+            ) from None
+        out.append((k, v))
+    return out
