@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hookpatch import tiny_model  # noqa: E402
 from hookpatch.attribution import attribution_sweep  # noqa: E402
 from hookpatch.metrics import LogitDiff  # noqa: E402
-from hookpatch.model.tiny import tiny_model  # noqa: E402
 from sweeps import clock, settings_for  # noqa: E402
 
 

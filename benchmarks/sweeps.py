@@ -32,12 +32,10 @@ import torch
 from transformer_lens import patching
 
 from hookpatch.metrics import LogitDiff
-from hookpatch.model.facts import model_facts
-from hookpatch.model.tiny import tiny_model
+from hookpatch.model import model_facts, tiny_model
 from hookpatch.sweeps import patch_sweep
-from hookpatch.tasks.ioi import ioi_prompts
-from hookpatch.tasks.pronoun import pronoun_prompts
-from hookpatch.tasks.vocab import PRONOUN_TEMPLATES
+from hookpatch.tasks import ioi_prompts, pronoun_prompts
+from hookpatch.tasks._vocab import PRONOUN_TEMPLATES
 
 SWEEPS = {
     "resid_pre_layer_pos": dict(component="resid_pre", by=("layer", "pos")),

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args
 
 from hookpatch.errors import HookpatchError
-from hookpatch.model.loading import LoadSpec
+from hookpatch.model._loading import LoadSpec
 
 ResultKind = Literal["patched_metric", "effect", "attribution_estimate", "readout"]
 """What a result's values are:
@@ -144,7 +144,7 @@ class Provenance:
         layer: the layer of a per-neuron DLA.
         task: the prompt set's task name.
         prompts_fingerprint: :meth:`hookpatch.PromptSet.fingerprint` of the prompts run.
-        model: how the model was loaded (:class:`hookpatch.model.loading.LoadSpec`), if known.
+        model: how the model was loaded (:class:`hookpatch.model._loading.LoadSpec`), if known.
         runner: ``"fast"`` (the direct block runner) or ``"bridge"`` (the bridge's hooks).
         grid: the grid swept (:class:`GridFacts`), for sweeps and attribution.
         hookpatch_version: the version that computed the values (``None``: not recorded, a
@@ -241,14 +241,14 @@ def _tuple(value: Any) -> tuple | None:
 
 def run_facts(model: Any, prompts: Any, metric: Any) -> dict[str, Any]:
     """The provenance fields every result shares: metric, task, prompt fingerprint and model."""
-    from hookpatch.model.loading import load_spec
+    from hookpatch.model._loading import load_spec
 
     return {"metric": MetricSpec.of(metric), "task": prompts.task, "prompts_fingerprint": prompts.fingerprint(),
             "model": load_spec(model)}
 
 
 def grid_facts(grid: Any) -> GridFacts:
-    """The :class:`GridFacts` of a sweep's checked grid (``hookpatch.sweeps.grid.Grid``)."""
+    """The :class:`GridFacts` of a sweep's checked grid (``hookpatch.sweeps._grid.Grid``)."""
     feeds = grid.info().get("kv_head_feeds")
     return GridFacts(
         layers=tuple(grid.layers),

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from hookpatch._provenance import GridFacts, MetricSpec, Provenance, ResultKind
 from hookpatch.errors import HookpatchError
-from hookpatch.hooks.factory import ABLATIONS
+from hookpatch.hooks._factory import ABLATIONS
 
 if TYPE_CHECKING:
     from hookpatch.results import SweepResult

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hookpatch.checks import check_device
+from hookpatch._checks import check_device
 from hookpatch.errors import HookpatchError
 
 TASKS = ("pronoun", "ioi")
@@ -79,8 +79,8 @@ def build_report(model: Any, model_name: str, task: str, n_prompts: int | None, 
     from hookpatch.metrics import AnswerLoss, LogitDiff, Normalized, evaluate
     from hookpatch.readouts import dla_by_component, dla_by_head, logit_lens, predictions, rank_heads
     from hookpatch.sweeps import ablation_sweep, patch_sweep
-    from hookpatch.tasks.ioi import ioi_prompts
-    from hookpatch.tasks.pronoun import pronoun_prompts
+    from hookpatch.tasks._ioi import ioi_prompts
+    from hookpatch.tasks._pronoun import pronoun_prompts
 
     check_arguments(task, n_prompts)
     if task == "pronoun":
@@ -187,7 +187,7 @@ def check_arguments(
 def run_report(task: str, model_name: str, out: str | Path, n_prompts: int | None = None,
                device: str | None = None, progress: bool = True) -> Report:
     """Load ``model_name``, run the case study and write the HTML to ``out``."""
-    from hookpatch.model.loading import load_model
+    from hookpatch.model._loading import load_model
 
     check_arguments(task, n_prompts, out, device)
     model = load_model(model_name, device=device)

@@ -4,7 +4,7 @@ Every sweep returns one :class:`SweepResult`: ``values[*grid, batch]`` keeps eac
 metric; the axes (``layer``, ``pos``, ``head``) carry labels ("3: friend", "L9H7"); the
 clean and corrupted baselines and the metric's normalization travel with it. The mean value
 is derived, and so are the effects — each prompt's change against the clean or corrupted
-run, with a paired CI and p-value per cell (:mod:`hookpatch.effects`); ``to_dataframe``
+run, with a paired CI and p-value per cell (:mod:`hookpatch._effects`); ``to_dataframe``
 gives one row per cell; ``save``/``load`` round-trip, provenance included.
 
 What produced a result is a typed, frozen :class:`Provenance` (kind, method, component,
@@ -25,13 +25,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from hookpatch._checks import IntLike
+from hookpatch._effects import Effects, measure, resolve_baseline
 from hookpatch._provenance import GridFacts, MetricSpec, Provenance, ResultKind
 from hookpatch._results_io import FORMAT_VERSION, legacy_info, load_result, save_result
 from hookpatch._summary import axes_line, what_was_done
-from hookpatch.checks import IntLike
-from hookpatch.effects import Effects, measure, resolve_baseline
 from hookpatch.errors import HookpatchError
-from hookpatch.metrics.base import PerPrompt
+from hookpatch.metrics._base import PerPrompt
 
 __all__ = ["FORMAT_VERSION", "GridFacts", "MetricSpec", "Provenance", "ResultKind", "SweepResult"]
 
@@ -174,7 +174,7 @@ class SweepResult:
                 rate) or ``None``.
 
         Returns:
-            An :class:`hookpatch.effects.Effects` with ``[*grid]`` statistics.
+            An :class:`hookpatch._effects.Effects` with ``[*grid]`` statistics.
         """
         name = resolve_baseline(self.provenance, baseline, self.corrupted is not None)
         return measure(self.effect(name), name, tuple(self.axes), self.labels, level=level,

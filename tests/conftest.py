@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hookpatch.model.tiny import tiny_model
+from hookpatch.model import tiny_model
 
 torch.set_num_threads(2)
 

@@ -22,14 +22,13 @@ from hookpatch.attribution import (
     integrated_gradients_sweep,
     site_attributions,
 )
+from hookpatch.attribution._compare import average_ranks
 from hookpatch.attribution._sites import atp_gradients, ig_gradients
-from hookpatch.attribution.compare import average_ranks
 from hookpatch.errors import HookpatchError
 from hookpatch.metrics import AnswerLoss, LogitDiff, Normalized
-from hookpatch.model.facts import COMPONENTS, model_facts
-from hookpatch.sweeps.patching import patch_sweep
-from hookpatch.tasks.ioi import ioi_prompts
-from hookpatch.tasks.promptset import make_prompt_set
+from hookpatch.model import COMPONENTS, model_facts
+from hookpatch.sweeps import patch_sweep
+from hookpatch.tasks import ioi_prompts, make_prompt_set
 
 ATOL = 1e-5
 CLEAN = ["Mary went to the store", "John went to the park", "Amy went to the shops", "Dan went to the bank"]

@@ -28,7 +28,7 @@ import torch
 
 from hookpatch.attribution import attribution_sweep, compare
 from hookpatch.metrics import LogitDiff
-from hookpatch.tasks.promptset import make_prompt_set
+from hookpatch.tasks import make_prompt_set
 
 EPS = 1e-3
 RTOL = 1e-3

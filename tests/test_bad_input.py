@@ -22,12 +22,12 @@ import pytest
 import torch
 
 import hookpatch as hp
-from hookpatch.attribution.compare import compare_results
+from hookpatch.attribution import compare_results
 from hookpatch.cli import main as cli_main
 from hookpatch.errors import HookpatchError
-from hookpatch.hooks.factory import ablate_hook, patch_hook
+from hookpatch.hooks import ablate_hook, patch_hook
 from hookpatch.metrics import KLToClean
-from hookpatch.model.facts import model_facts
+from hookpatch.model import model_facts
 from hookpatch.readouts import dla_by_neuron, logit_lens_top_tokens, unembed_bias
 from hookpatch.report import check_arguments, run_report
 
@@ -296,7 +296,7 @@ def test_report_checks_everything_before_loading(monkeypatch, tmp_path):
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the arguments were checked")
 
-    monkeypatch.setattr("hookpatch.model.loading.load_model", no_load)
+    monkeypatch.setattr("hookpatch.model._loading.load_model", no_load)
     for kwargs, match in [
         ({"task": "nope"}, "unknown task"),
         ({"n_prompts": 0}, "at least one prompt"),

@@ -17,12 +17,11 @@ from transformer_lens.tools.analysis.attribution_patching import cache_activatio
 import hookpatch
 from hookpatch.attribution import attribution_sweep
 from hookpatch.errors import HookpatchError
-from hookpatch.hooks.factory import patch_hook
+from hookpatch.hooks import patch_hook
 from hookpatch.metrics import LogitDiff
-from hookpatch.model.facts import COMPONENTS, component_info, hook_flags, hook_name, model_facts
-from hookpatch.sweeps.patching import ablation_sweep, patch_sweep
-from hookpatch.tasks.promptset import make_prompt_set
-from hookpatch.tasks.pronoun import pronoun_prompts
+from hookpatch.model import COMPONENTS, component_info, hook_flags, hook_name, model_facts
+from hookpatch.sweeps import ablation_sweep, patch_sweep
+from hookpatch.tasks import make_prompt_set, pronoun_prompts
 
 ATOL = 1e-4
 NEW = ("result", "q_input", "k_input", "v_input", "mlp_in")
@@ -388,7 +387,7 @@ def test_grids_and_selection_of_new_components(llama_model, prompts_of):
     assert feeds == {"KV0": ["H0", "H1"], "KV1": ["H2", "H3"]}
 
 
-# Files that still build hook names themselves; each must move to hookpatch.model.facts
+# Files that still build hook names themselves; each must move to hookpatch.model._facts
 # (hook_name, resid_entering, attention_key). A new file here fails the test.
 PENDING = ("runners/_fast_runner.py", "runners/fast/")
 HOOK_NAME_BUILT = re.compile(r"""f["']blocks\.\{|["']blocks\.\{layer\}|\.format\(layer=""")
@@ -399,11 +398,11 @@ def test_hook_names_are_built_only_through_the_table():
     offenders = set()
     for path in root.rglob("*.py"):
         rel = path.relative_to(root).as_posix()
-        if rel == "model/facts.py":
+        if rel == "model/_facts.py":
             continue
         code = "\n".join(line.split("#")[0] for line in path.read_text().splitlines())
         if HOOK_NAME_BUILT.search(code):
             offenders.add(rel)
     assert not [f for f in offenders if not f.startswith(PENDING)], sorted(offenders)
-    facts_code = (root / "model" / "facts.py").read_text()
+    facts_code = (root / "model" / "_facts.py").read_text()
     assert HOOK_NAME_BUILT.search(facts_code)  # the pattern does find the table's own templates

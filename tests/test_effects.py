@@ -13,14 +13,13 @@ import torch
 from transformer_lens import patching
 from transformer_lens.patching import PatchingResult
 
-from hookpatch import stats
+from hookpatch import _stats as stats
 from hookpatch.errors import HookpatchError
 from hookpatch.metrics import LogitDiff, Normalized
-from hookpatch.readouts.dla import dla_by_head
-from hookpatch.readouts.heads import rank_heads
+from hookpatch.readouts import dla_by_head, rank_heads
 from hookpatch.results import Provenance, SweepResult
-from hookpatch.sweeps.patching import ablation_sweep, patch_sweep
-from hookpatch.tasks.pronoun import pronoun_prompts
+from hookpatch.sweeps import ablation_sweep, patch_sweep
+from hookpatch.tasks import pronoun_prompts
 
 HEADS = {"layer": ("0", "1"), "head": ("H0", "H1", "H2")}
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hookpatch.errors import HookpatchError
-from hookpatch.model.tiny import tiny_model
+from hookpatch.model import tiny_model
 from hookpatch.runners.fast import (
     FLAG_POINTS,
     RESUME_POINTS,
@@ -125,8 +125,7 @@ def hf_checkpoint(tmp_path_factory, name, config_class, model_class, seed, **con
     """A random 2-layer HF model of a family ``tiny_model`` does not build, loaded as a bridge."""
     import transformers
 
-    from hookpatch.model.loading import load_model
-    from hookpatch.model.tiny import byte_bpe_tokenizer
+    from hookpatch.model import byte_bpe_tokenizer, load_model
 
     tok = byte_bpe_tokenizer()
     cfg = getattr(transformers, config_class)(
@@ -451,8 +450,8 @@ def test_bad_arguments_are_refused(llama_model):
 def test_run_with_cache_equals_the_bridge(family, component, request):
     """The sweep's caches: the fast runner's full forward from the embeddings (Gemma 2's
     scaled embedding and final soft cap included)."""
-    from hookpatch.sweeps.engine import fast_cache_names
-    from hookpatch.tasks.pronoun import pronoun_prompts
+    from hookpatch.sweeps._engine import fast_cache_names
+    from hookpatch.tasks import pronoun_prompts
 
     model = request.getfixturevalue(f"{family}_model")
     prompts = pronoun_prompts(model, n=4)

@@ -28,7 +28,7 @@ from hookpatch import (
     rank_heads,
 )
 from hookpatch.readouts import unembed_bias
-from hookpatch.tasks.ioi import ioi_tl_demo
+from hookpatch.tasks import ioi_tl_demo
 
 GPT2_REPO = "gpt2"  # what TransformerLens' alias "gpt2-small" resolves to
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import hookpatch as hp
-from hookpatch.sweeps.grid import default_positions
+from hookpatch.sweeps._grid import default_positions
 
 NAMES = ["IO", "S1", "S1+1", "S2", "END"]
 

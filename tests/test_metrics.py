@@ -9,8 +9,7 @@ import torch
 
 from hookpatch.errors import HookpatchError
 from hookpatch.metrics import AnswerLoss, AnswerProbability, KLToClean, LogitDiff, Normalized, PerPrompt, evaluate
-from hookpatch.tasks.promptset import make_prompt_set
-from hookpatch.tasks.pronoun import pronoun_prompts
+from hookpatch.tasks import make_prompt_set, pronoun_prompts
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,16 @@ import pytest
 import torch
 
 from hookpatch.errors import HookpatchError
-from hookpatch.model.facts import COMPONENTS, component_info, hook_flags, model_facts
-from hookpatch.model.loading import load_model, require_eval
-from hookpatch.model.tiny import write_tiny_checkpoint
-from hookpatch.model.tokens import encode, to_single_token
+from hookpatch.model import (
+    COMPONENTS,
+    component_info,
+    encode,
+    hook_flags,
+    model_facts,
+    to_single_token,
+    write_tiny_checkpoint,
+)
+from hookpatch.model._loading import load_model, require_eval
 
 
 def test_bridge_is_in_compatibility_mode_and_eval(model):

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from hookpatch import LogitDiff, dla_by_head, ioi_prompts, load_model, pronoun_prompts, rank_heads
-from hookpatch.model.tokens import to_single_token
+from hookpatch.model import to_single_token
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 PYPROJECT = NOTEBOOKS.parent / "pyproject.toml"

@@ -13,14 +13,15 @@ import pytest
 import torch
 
 from hookpatch.errors import HookpatchError
-from hookpatch.model import tiny
-from hookpatch.model.loading import load_model, organism_path
-from hookpatch.model.tiny import task_texts
-from hookpatch.model.tokens import encode, to_single_token
-from hookpatch.organism import CHECKPOINT_DIR, REQUIRED_FILES, corpus, file_sha256, verify_checkpoint
+from hookpatch.model import _tiny as tiny
+from hookpatch.model import encode, to_single_token
+from hookpatch.model._loading import load_model, organism_path
+from hookpatch.model._tiny import task_texts
+from hookpatch.organism import CHECKPOINT_DIR, REQUIRED_FILES, file_sha256, verify_checkpoint
+from hookpatch.organism import _corpus as corpus
 from hookpatch.organism.train import TrainConfig, build_tokenizer, train
 from hookpatch.organism.train import main as train_main
-from hookpatch.tasks import vocab
+from hookpatch.tasks import _vocab as vocab
 
 
 @pytest.fixture(scope="module")
@@ -198,12 +199,12 @@ def test_frozen_vocabulary_does_not_depend_on_task_builders_or_test_helpers(tmp_
     assert "zoo" in " ".join(tiny.task_texts())  # what the vocabulary used to be built from changed
 
     def refuse(*args, **kwargs):
-        raise AssertionError("the organism's tokenizer must not use hookpatch.model.tiny")
+        raise AssertionError("the organism's tokenizer must not use hookpatch.model._tiny")
 
     monkeypatch.setattr(tiny, "task_texts", refuse)
     monkeypatch.setattr(tiny, "word_level_tokenizer", refuse)
     monkeypatch.setattr(tiny, "GPT2_SPLIT", "zebra")
-    monkeypatch.setitem(sys.modules, "hookpatch.model.tiny", None)  # importing it now fails
+    monkeypatch.setitem(sys.modules, "hookpatch.model._tiny", None)  # importing it now fails
     assert corpus.vocabulary() == before
     assert _saved_tokenizer_sha256(build_tokenizer(), tmp_path) == shipped
 
@@ -263,7 +264,7 @@ def test_damaged_checkpoint_names_the_file(tmp_path, monkeypatch, damage, file):
         target.write_bytes(bytes(data))
     with pytest.raises(HookpatchError, match=file.replace(".", r"\.")):
         verify_checkpoint(copy)
-    monkeypatch.setattr("hookpatch.model.loading._ORGANISM_DIR", copy)
+    monkeypatch.setattr("hookpatch.model._loading._ORGANISM_DIR", copy)
     with pytest.raises(HookpatchError, match=file.replace(".", r"\.")):
         load_model("organism", device="cpu")
 

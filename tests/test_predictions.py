@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hookpatch.errors import HookpatchError
-from hookpatch.readouts.predictions import predictions
+from hookpatch.readouts import predictions
 
 
 def test_predictions_match_the_logits(model):

@@ -10,14 +10,18 @@ import torch
 
 from hookpatch.errors import HookpatchError
 from hookpatch.metrics import AnswerProbability, LogitDiff, Normalized
-from hookpatch.model.loading import load_model
-from hookpatch.model.tiny import write_tiny_checkpoint
-from hookpatch.readouts.bias import unembed_bias
-from hookpatch.readouts.dla import dla_by_component, dla_by_head, dla_by_neuron, top_neurons
-from hookpatch.readouts.heads import rank_heads
-from hookpatch.readouts.logit_lens import logit_lens, logit_lens_top_tokens
-from hookpatch.tasks.ioi import ioi_prompts
-from hookpatch.tasks.pronoun import pronoun_prompts
+from hookpatch.model import load_model, write_tiny_checkpoint
+from hookpatch.readouts import (
+    dla_by_component,
+    dla_by_head,
+    dla_by_neuron,
+    logit_lens,
+    logit_lens_top_tokens,
+    rank_heads,
+    top_neurons,
+    unembed_bias,
+)
+from hookpatch.tasks import ioi_prompts, pronoun_prompts
 
 ATOL = 1e-4
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from hookpatch.cli import main
-from hookpatch.model.loading import organism_path
+from hookpatch.model._loading import organism_path
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 

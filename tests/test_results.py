@@ -17,13 +17,13 @@ import torch
 from jaxtyping import TypeCheckError
 
 import hookpatch as hp
-from hookpatch.attribution.compare import compare_results
+from hookpatch.attribution import compare_results
 from hookpatch.errors import HookpatchError
 from hookpatch.metrics import LogitDiff, Normalized
-from hookpatch.model.loading import LoadSpec, load_spec
-from hookpatch.readouts.dla import dla_by_head
+from hookpatch.model import LoadSpec, load_spec
+from hookpatch.readouts import dla_by_head
 from hookpatch.results import FORMAT_VERSION, GridFacts, MetricSpec, Provenance, SweepResult
-from hookpatch.tasks.pronoun import pronoun_prompts
+from hookpatch.tasks import pronoun_prompts
 
 V1 = Path(__file__).parent / "data" / "results_v1"
 EXPECTED = json.loads((V1 / "expected.json").read_text())

@@ -12,15 +12,15 @@ import torch
 
 import hookpatch.runners._fast_runner as fast_runner
 from hookpatch.errors import HookpatchError
-from hookpatch.hooks.factory import ablate_hook
+from hookpatch.hooks import ablate_hook
 from hookpatch.metrics import LogitDiff
-from hookpatch.metrics.base import CallableMetric, as_metric
-from hookpatch.model.facts import COMPONENTS
+from hookpatch.metrics._base import CallableMetric, as_metric
+from hookpatch.model import COMPONENTS
 from hookpatch.runners import BridgeRunner, FastRunner, InProcessExecutor, runner_for
 from hookpatch.runners.fast import FastForward
-from hookpatch.sweeps.engine import Source, plan_jobs, run_cells
-from hookpatch.sweeps.patching import _Context, ablation_sweep, patch_sweep
-from hookpatch.tasks.promptset import make_prompt_set
+from hookpatch.sweeps._engine import Source, plan_jobs, run_cells
+from hookpatch.sweeps._patching import _Context, ablation_sweep, patch_sweep
+from hookpatch.tasks import make_prompt_set
 
 QUIET = dict(progress=False)
 

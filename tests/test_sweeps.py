@@ -10,14 +10,12 @@ import torch
 from transformer_lens import patching
 
 from hookpatch.errors import HookpatchError
-from hookpatch.hooks.factory import ablate_hook, patch_hook
+from hookpatch.hooks import ablate_hook, patch_hook
 from hookpatch.metrics import AnswerLoss, AnswerProbability, KLToClean, LogitDiff, Normalized
-from hookpatch.model.facts import COMPONENTS, model_facts
+from hookpatch.model import COMPONENTS, model_facts
 from hookpatch.results import SweepResult
-from hookpatch.sweeps.patching import ablation_sweep, patch_sweep
-from hookpatch.tasks.ioi import ioi_prompts
-from hookpatch.tasks.promptset import make_prompt_set
-from hookpatch.tasks.pronoun import pronoun_prompts
+from hookpatch.sweeps import ablation_sweep, patch_sweep
+from hookpatch.tasks import ioi_prompts, make_prompt_set, pronoun_prompts
 
 ATOL = 1e-4
 RUNNERS = [False, None]  # the bridge's hooks, and the default (fast path where supported)

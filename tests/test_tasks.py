@@ -6,10 +6,8 @@ import pytest
 import torch
 
 from hookpatch.errors import HookpatchError
-from hookpatch.tasks import vocab
-from hookpatch.tasks.ioi import ioi_prompts, ioi_tl_demo
-from hookpatch.tasks.promptset import make_prompt_set
-from hookpatch.tasks.pronoun import pronoun_prompts
+from hookpatch.tasks import _vocab as vocab
+from hookpatch.tasks import ioi_prompts, ioi_tl_demo, make_prompt_set, pronoun_prompts
 
 
 @pytest.fixture(params=["word", "bpe"])

@@ -13,7 +13,7 @@ import jaxtyping
 import pytest
 import torch
 
-from hookpatch.metrics.base import gather_answers
+from hookpatch.metrics._base import gather_answers
 
 
 def test_a_named_axis_of_two_sizes_raises_a_type_check_error():

@@ -20,13 +20,12 @@ from test_sweeps import TL_BY_COMPONENT, TL_HEADS_ALL_POS, TL_HEADS_BY_POS, tl_r
 from transformer_lens import patching
 
 from hookpatch.errors import HookpatchError
-from hookpatch.hooks.factory import ablation_source
+from hookpatch.hooks._factory import ablation_source
 from hookpatch.metrics import AnswerLoss, LogitDiff
-from hookpatch.model.facts import model_facts
-from hookpatch.model.tiny import write_tiny_checkpoint
+from hookpatch.model import model_facts, write_tiny_checkpoint
 from hookpatch.runners.fast import FastForward
-from hookpatch.sweeps.patching import ablation_sweep, patch_sweep
-from hookpatch.tasks.pronoun import pronoun_prompts
+from hookpatch.sweeps import ablation_sweep, patch_sweep
+from hookpatch.tasks import pronoun_prompts
 
 ATOL = 1e-4
 HF_CLASSES = {

@@ -11,16 +11,13 @@ import sys
 import pytest
 import torch
 
-from hookpatch.attribution.compare import compare
+from hookpatch.attribution import compare
 from hookpatch.errors import HookpatchError
 from hookpatch.metrics import LogitDiff, Normalized
-from hookpatch.readouts.dla import dla_by_component, dla_by_head
-from hookpatch.readouts.heads import rank_heads
-from hookpatch.readouts.logit_lens import logit_lens
+from hookpatch.readouts import dla_by_component, dla_by_head, logit_lens, rank_heads
 from hookpatch.results import SweepResult
-from hookpatch.sweeps.patching import ablation_sweep, patch_sweep
-from hookpatch.tasks.ioi import ioi_prompts
-from hookpatch.tasks.pronoun import pronoun_prompts
+from hookpatch.sweeps import ablation_sweep, patch_sweep
+from hookpatch.tasks import ioi_prompts, pronoun_prompts
 from hookpatch.views import (
     ablation_heatmap,
     attention_view,
@@ -33,7 +30,7 @@ from hookpatch.views import (
     patching_heatmap,
     ranked_heads_bar,
 )
-from hookpatch.views.attention import bundle_path
+from hookpatch.views._attention import bundle_path
 
 
 @pytest.fixture(scope="module")

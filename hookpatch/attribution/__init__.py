@@ -7,9 +7,9 @@
   agreement with bootstrap CIs, and the cells where they disagree most.
 """
 
+from hookpatch.attribution._atp import attribution_sweep, integrated_gradients_sweep
+from hookpatch.attribution._compare import Comparison, Statistic, compare, compare_results
 from hookpatch.attribution._sites import SiteAttributions, site_attributions
-from hookpatch.attribution.atp import attribution_sweep, integrated_gradients_sweep
-from hookpatch.attribution.compare import Comparison, Statistic, compare, compare_results
 
 __all__ = [
     "Comparison",

@@ -2,11 +2,11 @@
 
 :func:`site_attributions` works on raw TransformerLens hook names and returns one
 element-wise attribution tensor per site, shaped like the hooked activation (batch first).
-The grid functions in :mod:`hookpatch.attribution.atp` reduce these onto layer × pos × head.
+The grid functions in :mod:`hookpatch.attribution._atp` reduce these onto layer × pos × head.
 
 How gradients are taken on a TransformerBridge: a forward hook adds ``delta``, a zero leaf
 tensor that requires grad, to the activation *in place* and returns it — the very edit
-activation patching makes (:func:`hookpatch.hooks.factory.replace_where` writes in place
+activation patching makes (:func:`hookpatch.hooks._factory.replace_where` writes in place
 too) — and the backward is driven with :func:`torch.autograd.grad` on the deltas only. So
 the gradient with respect to ``delta`` is the derivative of patching the activation: every
 reader of the activation sees the edit (at ``hook_resid_mid``, an alias of ``ln2.hook_in``
@@ -37,12 +37,12 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hookpatch.checks import IntLike, as_count, as_metric, require_finite_runs, require_metric_values
+from hookpatch._checks import IntLike, as_count, as_metric, require_finite_runs, require_metric_values
 from hookpatch.errors import HookpatchError
-from hookpatch.metrics.base import Metric
-from hookpatch.model.facts import edits_in_place
-from hookpatch.model.loading import require_eval
-from hookpatch.tasks.promptset import PromptSet
+from hookpatch.metrics._base import Metric
+from hookpatch.model._facts import edits_in_place
+from hookpatch.model._loading import require_eval
+from hookpatch.tasks._promptset import PromptSet
 
 DIRECTIONS = ("denoising", "noising")
 MetricLike = Metric | Callable[[Tensor], Tensor]  # what public calls accept; wrapped by as_metric
@@ -108,7 +108,7 @@ def site_attributions(
             ``"noising"`` (gradient on the clean run, times corrupted − clean).
         steps: 1 for attribution patching; N > 1 for integrated gradients with the left
             Riemann points ``alpha = k/N``, ``k = 0..N-1``, interpolating one site at a time
-            (see :mod:`hookpatch.attribution.atp`).
+            (see :mod:`hookpatch.attribution._atp`).
         steps_per_pass: interpolation points stacked into one forward (IG only).
         progress: show a progress bar over IG passes.
     """

@@ -8,7 +8,7 @@ Each returns ``(hook_name, hook)`` for ``model.run_with_hooks(fwd_hooks=[...])``
 pickles and never holds a model or a cache.
 """
 
-from hookpatch.hooks.factory import ablate_hook, patch_hook
-from hookpatch.hooks.selection import activation_mask
+from hookpatch.hooks._factory import ablate_hook, patch_hook
+from hookpatch.hooks._selection import activation_mask
 
 __all__ = ["ablate_hook", "activation_mask", "patch_hook"]

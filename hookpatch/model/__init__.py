@@ -7,13 +7,28 @@
   :func:`hook_flags` turns on the flags of gated hooks (``result``, ``q_input``, ``mlp_in``)
   for a ``with`` block;
 - :func:`tiny_model` — small random bridges of six families (``"gpt2"``, ``"llama"``,
-  ``"qwen2"``, ``"qwen3"``, ``"gemma2"``, ``"mistral"``), built offline.
+  ``"qwen2"``, ``"qwen3"``, ``"gemma2"``, ``"mistral"``), built offline
+  (:func:`write_tiny_checkpoint` writes one as a HuggingFace checkpoint);
+- :func:`load_spec` — how a model was loaded (:class:`LoadSpec`), to load it again elsewhere;
+- :func:`encode`, :func:`to_single_token` — tokenization that refuses unknown words and
+  multi-token answers instead of silently splitting them.
 """
 
-from hookpatch.model.facts import Component, ModelFacts, component_info, hook_flags, hook_name, model_facts
-from hookpatch.model.loading import load_model
-from hookpatch.model.tiny import tiny_model
+from hookpatch.model._facts import (
+    COMPONENTS,
+    Component,
+    ModelFacts,
+    component_info,
+    hook_flags,
+    hook_name,
+    model_facts,
+)
+from hookpatch.model._loading import LoadSpec, load_model, load_spec
+from hookpatch.model._tiny import FAMILIES, byte_bpe_tokenizer, tiny_model, write_tiny_checkpoint
+from hookpatch.model._tokens import encode, to_single_token
 
 __all__ = [
-    "Component", "ModelFacts", "component_info", "hook_flags", "hook_name", "load_model", "model_facts", "tiny_model",
+    "COMPONENTS", "FAMILIES", "Component", "LoadSpec", "ModelFacts", "byte_bpe_tokenizer", "component_info", "encode",
+    "hook_flags", "hook_name", "load_model", "load_spec", "model_facts", "tiny_model", "to_single_token",
+    "write_tiny_checkpoint",
 ]

@@ -1,8 +1,8 @@
 """The model organism: a small GPT-2-architecture model trained on a toy corpus with known circuits.
 
-``hookpatch.model.loading.load_model("organism")`` loads the shipped checkpoint (in
+``hookpatch.model._loading.load_model("organism")`` loads the shipped checkpoint (in
 ``hookpatch/organism/checkpoint/``, described by its ``MODEL_CARD.md``);
-:mod:`hookpatch.organism.corpus` generates the training sentences and holds the
+:mod:`hookpatch.organism._corpus` generates the training sentences and holds the
 train/held-out split as data; ``python -m hookpatch.organism.train --out DIR`` reproduces the
 checkpoint and ``python -m hookpatch.organism.analysis [DIR]`` recomputes the model card's
 measurements.

@@ -15,19 +15,19 @@ from typing import Any
 
 import torch
 
-from hookpatch.model.facts import hook_name, resid_entering
-from hookpatch.organism import corpus
+from hookpatch.model._facts import hook_name, resid_entering
+from hookpatch.organism import _corpus as corpus
 
 
 def _tokens(model: Any, texts: Sequence[str]) -> torch.Tensor:
-    from hookpatch.model.tokens import encode
+    from hookpatch.model._tokens import encode
 
     return torch.tensor([encode(model, t) for t in texts])
 
 
 def _by_length(model: Any, texts: Sequence[str]) -> dict[int, list[int]]:
     """Indices of ``texts`` grouped by token length (each group runs as one batch)."""
-    from hookpatch.model.tokens import encode
+    from hookpatch.model._tokens import encode
 
     groups: dict[int, list[int]] = defaultdict(list)
     for i, t in enumerate(texts):
@@ -36,7 +36,7 @@ def _by_length(model: Any, texts: Sequence[str]) -> dict[int, list[int]]:
 
 
 def single_id(model: Any, word: str) -> int:
-    from hookpatch.model.tokens import to_single_token
+    from hookpatch.model._tokens import to_single_token
 
     return to_single_token(model, word)
 
@@ -220,7 +220,7 @@ def report(model: Any) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from hookpatch.model.loading import load_model
+    from hookpatch.model._loading import load_model
 
     argv = sys.argv[1:] if argv is None else argv
     model = load_model(argv[0] if argv else "organism", device="cpu")

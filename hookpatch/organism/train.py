@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from hookpatch.errors import HookpatchError
-from hookpatch.organism import HASHED_FILES, corpus, file_sha256
+from hookpatch.organism import HASHED_FILES, file_sha256
+from hookpatch.organism import _corpus as corpus
 
 
 @dataclass
@@ -62,12 +63,12 @@ class TrainConfig:
 def build_tokenizer(vocabulary: corpus.Vocabulary | None = None, *, check_corpus: bool = True) -> Any:
     """The organism's word-level tokenizer, built from the frozen vocabulary alone.
 
-    ``vocabulary`` defaults to :func:`hookpatch.organism.corpus.vocabulary` (the file
+    ``vocabulary`` defaults to :func:`hookpatch.organism._corpus.vocabulary` (the file
     ``hookpatch/organism/vocabulary.json``): one id per piece, in the file's order, GPT-2
     pre-tokenization by the file's regex, BOS ``<|endoftext|>`` (also EOS and padding) and UNK
     ``<unk>``. Saved with ``save_pretrained`` it is byte-identical to the shipped checkpoint's
     tokenizer files. With ``check_corpus``, raises a :class:`~hookpatch.errors.HookpatchError`
-    if a sentence of :func:`~hookpatch.organism.corpus.sample_texts` has a word outside the
+    if a sentence of :func:`~hookpatch.organism._corpus.sample_texts` has a word outside the
     vocabulary.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers

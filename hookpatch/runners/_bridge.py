@@ -16,8 +16,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from hookpatch.metrics.base import Metric
-from hookpatch.model.facts import ModelFacts, component_info, hook_flags
+from hookpatch.metrics._base import Metric
+from hookpatch.model._facts import ModelFacts, component_info, hook_flags
 from hookpatch.runners._protocol import CachedRun, Chunk, stacked_hooks
 
 

@@ -27,8 +27,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from hookpatch.metrics.base import Metric
-from hookpatch.model.facts import ModelFacts, component_info
+from hookpatch.metrics._base import Metric
+from hookpatch.model._facts import ModelFacts, component_info
 from hookpatch.runners._bridge import _activation_bytes
 from hookpatch.runners._protocol import CachedRun, Chunk, selected_positions, stacked_hooks
 from hookpatch.runners.fast import FastForward, FastHook, frozen_kv_from_cache

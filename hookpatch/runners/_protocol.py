@@ -22,9 +22,9 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from hookpatch.hooks.factory import replace_where
-from hookpatch.metrics.base import Metric
-from hookpatch.model.facts import ModelFacts, component_info
+from hookpatch.hooks._factory import replace_where
+from hookpatch.metrics._base import Metric
+from hookpatch.model._facts import ModelFacts, component_info
 
 
 @dataclass(frozen=True)

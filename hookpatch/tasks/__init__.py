@@ -6,8 +6,8 @@
 - :func:`make_prompt_set` — your own prompts, checked into a :class:`PromptSet`.
 """
 
-from hookpatch.tasks.ioi import ioi_prompts, ioi_tl_demo
-from hookpatch.tasks.promptset import PromptSet, make_prompt_set
-from hookpatch.tasks.pronoun import pronoun_prompts
+from hookpatch.tasks._ioi import ioi_prompts, ioi_tl_demo
+from hookpatch.tasks._promptset import PromptSet, make_prompt_set
+from hookpatch.tasks._pronoun import pronoun_prompts
 
 __all__ = ["PromptSet", "ioi_prompts", "ioi_tl_demo", "make_prompt_set", "pronoun_prompts"]

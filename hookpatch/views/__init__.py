@@ -4,13 +4,13 @@ Each view reshapes a result (means, CIs, labels) into a ``go.Figure`` and comput
 else; nothing here calls ``.show()`` or changes plotly's templates or renderers.
 """
 
-from hookpatch.views.ablation import ablation_heatmap
-from hookpatch.views.attention import AttentionView, attention_view, attention_view_html, javascript
-from hookpatch.views.comparison import comparison_scatter
-from hookpatch.views.dla import dla_bars, dla_heads_heatmap
-from hookpatch.views.heads import ranked_heads_bar
-from hookpatch.views.logit_lens import logit_lens_line
-from hookpatch.views.patching import patching_heatmap
+from hookpatch.views._ablation import ablation_heatmap
+from hookpatch.views._attention import AttentionView, attention_view, attention_view_html, javascript
+from hookpatch.views._comparison import comparison_scatter
+from hookpatch.views._dla import dla_bars, dla_heads_heatmap
+from hookpatch.views._heads import ranked_heads_bar
+from hookpatch.views._logit_lens import logit_lens_line
+from hookpatch.views._patching import patching_heatmap
 
 __all__ = [
     "AttentionView",

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 import hookpatch as hp
-import hookpatch.effects
+import hookpatch._effects
 
 HERE = Path(__file__).parent
 

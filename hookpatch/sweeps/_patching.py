@@ -1,6 +1,6 @@
 """Activation patching and ablation sweeps over layer × position × head.
 
-Thin specialisations of :func:`hookpatch.sweeps.engine.run_cells`:
+Thin specialisations of :func:`hookpatch.sweeps._engine.run_cells`:
 
 - :func:`patch_sweep` — ``direction="denoising"`` patches clean activations into the
   corrupted run (the default: it finds what suffices to restore the behaviour);
@@ -20,8 +20,7 @@ from typing import Any
 
 from torch import Tensor
 
-from hookpatch._provenance import Provenance, grid_facts, run_facts
-from hookpatch.checks import (
+from hookpatch._checks import (
     IntLike,
     IntsLike,
     as_int,
@@ -31,15 +30,16 @@ from hookpatch.checks import (
     require_finite_runs,
     require_metric_values,
 )
+from hookpatch._provenance import Provenance, grid_facts, run_facts
 from hookpatch.errors import HookpatchError
-from hookpatch.hooks.factory import ABLATIONS
-from hookpatch.metrics.base import Metric
-from hookpatch.model.loading import require_eval
+from hookpatch.hooks._factory import ABLATIONS
+from hookpatch.metrics._base import Metric
+from hookpatch.model._loading import require_eval
 from hookpatch.results import SweepResult
 from hookpatch.runners import Runner, require_executor, runner_for
-from hookpatch.sweeps.engine import DEFAULT_BUDGET, Cell, Source, SweepContext, plan_jobs, run_cells
-from hookpatch.sweeps.grid import Grid
-from hookpatch.tasks.promptset import PromptSet
+from hookpatch.sweeps._engine import DEFAULT_BUDGET, Cell, Source, SweepContext, plan_jobs, run_cells
+from hookpatch.sweeps._grid import Grid
+from hookpatch.tasks._promptset import PromptSet
 
 DIRECTIONS = ("denoising", "noising")
 
@@ -72,7 +72,7 @@ def patch_sweep(
         prompts: the clean/corrupted prompt set.
         metric: a :class:`Metric` (or a callable ``logits[..., batch, pos, vocab] → [..., batch]``).
         component: resid_pre/mid/post, attn_out, mlp_out, z, q, k, v, pattern.
-        by: the grid axes, one of :data:`hookpatch.sweeps.grid.GRIDS`.
+        by: the grid axes, one of :data:`hookpatch.sweeps._grid.GRIDS`.
         direction: ``"denoising"`` (clean → corrupted run) or ``"noising"`` (corrupted → clean).
         layers, heads: restrict the grid (default: all).
         positions: the pos axis: column indices or names of the prompt set ("S2"). Default:

@@ -14,13 +14,13 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from hookpatch._checks import IntLike, as_int, as_metric
 from hookpatch._provenance import Provenance, run_facts
-from hookpatch.checks import IntLike, as_int, as_metric
-from hookpatch.metrics.base import Metric
-from hookpatch.model.loading import require_eval
+from hookpatch.metrics._base import Metric
+from hookpatch.model._loading import require_eval
 from hookpatch.readouts._final import apply_final_ln, at_end, unembed
 from hookpatch.results import SweepResult
-from hookpatch.tasks.promptset import PromptSet
+from hookpatch.tasks._promptset import PromptSet
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ cells is the change it caused, prompt by prompt:
 With a normalized metric the baselines are normalized too, so the effect is the normalized
 change. :class:`Effects` holds the per-prompt effects with their mean, a paired bootstrap
 interval (prompts resampled as pairs) and a sign-flip p-value per cell, corrected across
-cells — see :mod:`hookpatch.stats` for the cost.
+cells — see :mod:`hookpatch._stats` for the cost.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from jaxtyping import Float
 from torch import Tensor
 
+from hookpatch._checks import IntLike, as_count, as_int
 from hookpatch._provenance import Provenance
-from hookpatch.checks import IntLike, as_count, as_int
+from hookpatch._stats import adjust_pvalues, check_bootstrap, check_correction, mean_ci, sign_flip_pvalue
 from hookpatch.errors import HookpatchError
-from hookpatch.stats import adjust_pvalues, check_bootstrap, check_correction, mean_ci, sign_flip_pvalue
 
 BASELINES = ("corrupted", "clean", "none")
 

@@ -21,11 +21,11 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from hookpatch.checks import IntsLike, as_int, as_ints, is_int, require_prompts
+from hookpatch._checks import IntsLike, as_int, as_ints, is_int, require_prompts
 from hookpatch.errors import HookpatchError
-from hookpatch.hooks.selection import per_prompt_positions
-from hookpatch.model.facts import COMPONENTS, ModelFacts, component_info, model_facts
-from hookpatch.tasks.promptset import END, PromptSet
+from hookpatch.hooks._selection import per_prompt_positions
+from hookpatch.model._facts import COMPONENTS, ModelFacts, component_info, model_facts
+from hookpatch.tasks._promptset import END, PromptSet
 
 GRIDS = (("layer", "pos"), ("layer", "head"), ("layer", "pos", "head"), ("layer",))
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
-from hookpatch.attribution.compare import Comparison
+from hookpatch.attribution._compare import Comparison
 from hookpatch.errors import HookpatchError
 from hookpatch.views._common import METHOD_TITLES, metric_name
 
 
 def comparison_scatter(comparison: Comparison, *, title: str | None = None) -> go.Figure:
-    """Scatter of a :class:`~hookpatch.attribution.compare.Comparison`, cell by cell.
+    """Scatter of a :class:`~hookpatch.attribution._compare.Comparison`, cell by cell.
 
     Example:
         >>> cmp = compare(model, prompts, LogitDiff(prompts), "z", by=("layer", "head"))

@@ -28,9 +28,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from hookpatch.errors import HookpatchError
-from hookpatch.model.facts import hook_name, model_facts
-from hookpatch.model.loading import require_eval
-from hookpatch.tasks.promptset import PromptSet
+from hookpatch.model._facts import hook_name, model_facts
+from hookpatch.model._loading import require_eval
+from hookpatch.tasks._promptset import PromptSet
 
 RUNS = ("clean", "corrupted")
 HEAD_LABEL = re.compile(r"^L(\d+)H(\d+)$")

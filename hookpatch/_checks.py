@@ -23,7 +23,7 @@ from torch import Tensor
 from hookpatch.errors import HookpatchError
 
 if TYPE_CHECKING:
-    from hookpatch.metrics.base import Metric
+    from hookpatch.metrics._base import Metric
 
 # Annotations of arguments the checks below accept in several forms; they stay open so the
 # check, not a type checker, is what speaks to the user.
@@ -113,9 +113,9 @@ def as_ints(value: IntsLike, arg: str) -> list[int] | None:
 
 
 def require_prompts(prompts: Any, arg: str = "prompts") -> None:
-    """Raise unless ``prompts`` is a :class:`~hookpatch.tasks.promptset.PromptSet` (which is
+    """Raise unless ``prompts`` is a :class:`~hookpatch.tasks._promptset.PromptSet` (which is
     never empty: building one with no prompts is refused)."""
-    from hookpatch.tasks.promptset import PromptSet
+    from hookpatch.tasks._promptset import PromptSet
 
     if not isinstance(prompts, PromptSet):
         raise HookpatchError(
@@ -140,11 +140,11 @@ def same_prompts(a: Any, b: Any) -> bool:
 def require_metric(metric: Any, prompts: Any, arg: str = "metric") -> None:
     """Raise unless ``metric`` is a metric instance (or callable) built on this very ``prompts``.
 
-    A :class:`~hookpatch.metrics.base.Metric` reads each prompt's answers and END position from
+    A :class:`~hookpatch.metrics._base.Metric` reads each prompt's answers and END position from
     its own prompt set; on another set (even of the same size, in another order) it would
     score every prompt against the wrong answers.
     """
-    from hookpatch.metrics.base import Metric
+    from hookpatch.metrics._base import Metric
 
     require_prompts(prompts)
     if isinstance(metric, type):
@@ -169,9 +169,9 @@ def require_metric(metric: Any, prompts: Any, arg: str = "metric") -> None:
 
 def as_metric(metric: Any, prompts: Any, arg: str = "metric") -> Metric:
     """``metric`` checked by :func:`require_metric` and, if it is a plain callable, wrapped once
-    into a :class:`~hookpatch.metrics.base.CallableMetric`: what every public entry point does
+    into a :class:`~hookpatch.metrics._base.CallableMetric`: what every public entry point does
     first, so the code behind it sees one metric protocol (returns a ``Metric``)."""
-    from hookpatch.metrics.base import as_metric as wrap
+    from hookpatch.metrics._base import as_metric as wrap
 
     require_metric(metric, prompts, arg)
     return wrap(metric, prompts)

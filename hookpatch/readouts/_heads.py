@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hookpatch.checks import IntLike, as_count
+from hookpatch._checks import IntLike, as_count
 from hookpatch.errors import HookpatchError
 from hookpatch.results import SweepResult
 

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from hookpatch.model.tokens import to_single_token
+from hookpatch.model._tokens import to_single_token
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from hookpatch.checks import check_device
+from hookpatch._checks import check_device
 from hookpatch.errors import HookpatchError
 
 ORGANISM = "organism"
@@ -73,7 +73,7 @@ class LoadSpec:
         if isinstance(options.get("dtype"), str):
             options["dtype"] = getattr(torch, options["dtype"].removeprefix("torch."))
         if self.loader == "tiny_model":
-            from hookpatch.model.tiny import tiny_model
+            from hookpatch.model._tiny import tiny_model
 
             return tiny_model(self.name, **options)
         if self.loader != "load_model":
@@ -290,7 +290,7 @@ def require_eval(model: Any) -> None:
     One sub-module left in train mode (``model.blocks[0].train()``) is enough for dropout to
     make every patch a random draw, so all modules are checked, not just the top one.
     """
-    from hookpatch.checks import require_model
+    from hookpatch._checks import require_model
 
     require_model(model)
     modules = model.named_modules(remove_duplicate=False)  # a shared module under each of its names

@@ -1,7 +1,7 @@
 """Small random models for offline tests and demos, loaded through the real bridge path.
 
 Each builder writes a HuggingFace checkpoint (random weights, a tokenizer over the built-in
-tasks' words) to a directory and loads it with :func:`~hookpatch.model.loading.load_model`,
+tasks' words) to a directory and loads it with :func:`~hookpatch.model._loading.load_model`,
 so a test model is a real ``TransformerBridge`` in compatibility mode, exactly as GPT-2 or
 Qwen would be. Six families, one per architecture variant the library supports:
 ``"gpt2"`` (LayerNorm, learned positions, multi-head), ``"llama"`` (RMSNorm, rotary, gated
@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from hookpatch.errors import HookpatchError
-from hookpatch.model.loading import load_model, record_load_spec
-from hookpatch.tasks import vocab
+from hookpatch.model._loading import load_model, record_load_spec
+from hookpatch.tasks import _vocab as vocab
 
 BOS = "<|endoftext|>"
 UNK = "<unk>"
@@ -56,7 +56,7 @@ def word_level_tokenizer(texts: Iterable[str] | None = None) -> Any:
     """A word-level tokenizer (GPT-2 pre-tokenization, one id per piece) with BOS and UNK.
 
     Every piece of ``texts`` (default :func:`task_texts`) gets an id; anything else maps to
-    ``<unk>``, which :func:`hookpatch.model.tokens.encode` refuses.
+    ``<unk>``, which :func:`hookpatch.model._tokens.encode` refuses.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -290,7 +290,7 @@ def tiny_model(family: str = "gpt2", *, device: str = "cpu", **kwargs: Any) -> A
         **kwargs: sizes, tokenizer and initialisation, as in :func:`write_tiny_checkpoint`.
 
     Returns:
-        A ``TransformerBridge`` loaded by :func:`~hookpatch.model.loading.load_model`.
+        A ``TransformerBridge`` loaded by :func:`~hookpatch.model._loading.load_model`.
     """
     with tempfile.TemporaryDirectory(prefix="hookpatch-tiny-") as tmp:
         write_tiny_checkpoint(tmp, family, **kwargs)

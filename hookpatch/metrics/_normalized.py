@@ -15,8 +15,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from hookpatch.errors import HookpatchError
-from hookpatch.metrics.base import Metric, evaluate
-from hookpatch.tasks.promptset import PromptSet
+from hookpatch.metrics._base import Metric, evaluate
+from hookpatch.tasks._promptset import PromptSet
 
 
 @dataclass(frozen=True, repr=False)

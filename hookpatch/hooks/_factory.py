@@ -20,11 +20,11 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from hookpatch.checks import IntLike, as_int
+from hookpatch._checks import IntLike, as_int
 from hookpatch.errors import HookpatchError
-from hookpatch.hooks.selection import Heads, Positions, activation_mask, per_prompt_positions
-from hookpatch.model.facts import component_info, edits_in_place, model_facts
-from hookpatch.tasks.promptset import PromptSet
+from hookpatch.hooks._selection import Heads, Positions, activation_mask, per_prompt_positions
+from hookpatch.model._facts import component_info, edits_in_place, model_facts
+from hookpatch.tasks._promptset import PromptSet
 
 ABLATIONS = ("zero", "mean", "resample")
 

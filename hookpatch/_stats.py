@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from hookpatch.checks import IntLike, as_count, as_int
+from hookpatch._checks import IntLike, as_count, as_int
 from hookpatch.errors import HookpatchError
 
 ALTERNATIVES = ("two-sided", "greater", "less")

@@ -30,15 +30,15 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from hookpatch._checks import IntLike, IntsLike, as_int, as_metric
+from hookpatch._stats import check_bootstrap
 from hookpatch._summary import axes_line, what_was_done
+from hookpatch.attribution._atp import attribution_sweep
 from hookpatch.attribution._sites import MetricLike, check_options
-from hookpatch.attribution.atp import attribution_sweep
-from hookpatch.checks import IntLike, IntsLike, as_int, as_metric
 from hookpatch.errors import HookpatchError
 from hookpatch.results import SweepResult
-from hookpatch.stats import check_bootstrap
-from hookpatch.sweeps.grid import Grid
-from hookpatch.tasks.promptset import PromptSet
+from hookpatch.sweeps._grid import Grid
+from hookpatch.tasks._promptset import PromptSet
 
 STATISTICS = ("pearson", "spearman", "top_k_overlap", "sign_agreement")
 DEFAULT_K = 10  # cells in the top-k overlap, unless the grid has fewer
@@ -171,7 +171,7 @@ def compare(
         fast: activation patching's runner choice. progress: progress bars.
         executor: runs activation patching's jobs (default: in order, in this process).
     """
-    from hookpatch.sweeps.patching import patch_sweep
+    from hookpatch.sweeps._patching import patch_sweep
 
     cells = math.prod(Grid.build(model, prompts, component, by, layers, positions, heads).shape)
     _check_statistics(k, sign_tol, level, n_resamples, seed, cells)  # before minutes of sweeping

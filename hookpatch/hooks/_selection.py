@@ -15,10 +15,10 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from hookpatch.checks import IntsLike, as_int_list, as_ints
+from hookpatch._checks import IntsLike, as_int_list, as_ints
 from hookpatch.errors import HookpatchError
-from hookpatch.model.facts import COMPONENTS, ModelFacts, component_info
-from hookpatch.tasks.promptset import PromptSet
+from hookpatch.model._facts import COMPONENTS, ModelFacts, component_info
+from hookpatch.tasks._promptset import PromptSet
 
 # Checked when a mask is built (the annotations stay open so that check speaks, see checks.py):
 Positions = Any  # None (all), one integer or several, a position name ("S2"), or a [batch] tensor

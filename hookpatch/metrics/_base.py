@@ -26,7 +26,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from hookpatch.errors import HookpatchError
-from hookpatch.tasks.promptset import PromptSet
+from hookpatch.tasks._promptset import PromptSet
 
 
 class Metric(ABC):
@@ -181,7 +181,7 @@ class CallableMetric(Metric):
 
     def __call__(self, logits: Float[Tensor, "*lead batch pos d_vocab"]) -> Float[Tensor, "*lead batch"]:
         """The callable on the logits, checked to give one value per prompt."""
-        from hookpatch.checks import require_metric_values
+        from hookpatch._checks import require_metric_values
 
         return require_metric_values(self.fn(logits), tuple(logits.shape[:-2]))
 
@@ -192,7 +192,7 @@ class CallableMetric(Metric):
 def as_metric(metric: Metric | Callable[[Tensor], Tensor], prompts: PromptSet) -> Metric:
     """``metric`` itself if it is a :class:`Metric`, else the callable wrapped in a
     :class:`CallableMetric` over ``prompts`` (check it first with
-    :func:`hookpatch.checks.require_metric`; :func:`hookpatch.checks.as_metric` does both)."""
+    :func:`hookpatch._checks.require_metric`; :func:`hookpatch._checks.as_metric` does both)."""
     return metric if isinstance(metric, Metric) else CallableMetric(metric, prompts)
 
 
@@ -216,13 +216,13 @@ class PerPrompt:
     def ci(
         self, level: float = 0.95, n_resamples: Any = 1000, seed: Any = 0
     ) -> tuple[Float[Tensor, "*cells"], Float[Tensor, "*cells"]]:
-        """Percentile bootstrap interval of the mean over prompts (:func:`hookpatch.stats.mean_ci`).
+        """Percentile bootstrap interval of the mean over prompts (:func:`hookpatch._stats.mean_ci`).
 
         This is the interval of the values themselves. For the change an intervention made,
         bootstrap the per-prompt differences instead (``SweepResult.effects``): a per-prompt
         difference varies far less than the values do when prompts differ in their baseline.
         """
-        from hookpatch.stats import mean_ci
+        from hookpatch._stats import mean_ci
 
         return mean_ci(self.values, level, n_resamples, seed)
 
@@ -230,7 +230,7 @@ class PerPrompt:
 @torch.no_grad()
 def evaluate(model: Any, metric: Metric, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, " batch"]:
     """Run ``model`` on ``tokens`` and return the metric per prompt."""
-    from hookpatch.model.loading import require_eval
+    from hookpatch.model._loading import require_eval
 
     require_eval(model)
     return metric(model(tokens))

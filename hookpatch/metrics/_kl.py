@@ -10,8 +10,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from hookpatch.errors import HookpatchError
-from hookpatch.metrics.base import Metric
-from hookpatch.tasks.promptset import PromptSet
+from hookpatch.metrics._base import Metric
+from hookpatch.tasks._promptset import PromptSet
 
 
 @dataclass(frozen=True, repr=False)
@@ -28,7 +28,7 @@ class KLToClean(Metric):
     @classmethod
     @torch.no_grad()
     def from_model(cls, model: Any, prompts: PromptSet) -> KLToClean:
-        from hookpatch.model.loading import require_eval
+        from hookpatch.model._loading import require_eval
 
         require_eval(model)
         logits = model(prompts.clean_tokens)

@@ -31,7 +31,7 @@ def logit_lens_line(
         >>> logit_lens_line(lens).show()
 
     Args:
-        results: one :func:`hookpatch.readouts.logit_lens` result or several on the same points.
+        results: one :func:`hookpatch.readouts._logit_lens` result or several on the same points.
         names: legend names, one per result (default: each result's convention).
         ci: draw each result's bootstrap CI as a shaded band (trace named "<name> CI").
         title: the figure title.

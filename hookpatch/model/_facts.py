@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import torch
 
-from hookpatch.checks import IntLike, is_int, require_model
+from hookpatch._checks import IntLike, is_int, require_model
 from hookpatch.errors import HookpatchError
 
 HeadAxis = Literal["head", "kv_head"] | None

@@ -15,15 +15,15 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from hookpatch._checks import IntLike, as_metric
 from hookpatch._provenance import Provenance, run_facts
-from hookpatch.checks import IntLike, as_metric
 from hookpatch.errors import HookpatchError
-from hookpatch.metrics.base import Metric
-from hookpatch.model.facts import hook_name, model_facts
-from hookpatch.model.loading import require_eval
+from hookpatch.metrics._base import Metric
+from hookpatch.model._facts import hook_name, model_facts
+from hookpatch.model._loading import require_eval
 from hookpatch.readouts._final import apply_final_ln, at_end, center
 from hookpatch.results import SweepResult
-from hookpatch.tasks.promptset import PromptSet
+from hookpatch.tasks._promptset import PromptSet
 
 
 def _linear(metric: Metric, model: Any) -> tuple[Tensor, Tensor]:

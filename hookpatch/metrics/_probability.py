@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from jaxtyping import Float
 from torch import Tensor
 
-from hookpatch.metrics.base import Metric, gather_answers
-from hookpatch.tasks.promptset import PromptSet
+from hookpatch.metrics._base import Metric, gather_answers
+from hookpatch.tasks._promptset import PromptSet
 
 
 @dataclass(frozen=True, repr=False)

@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from hookpatch.checks import IntLike, as_int
+from hookpatch._checks import IntLike, as_int
 from hookpatch.errors import HookpatchError
-from hookpatch.model.loading import require_eval
-from hookpatch.model.tokens import encode, str_tokens, to_single_token
+from hookpatch.model._loading import require_eval
+from hookpatch.model._tokens import encode, str_tokens, to_single_token
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Training corpus of the model organism: seeded sentences from templates, and the held-out split.
 
 The organism is a small language model trained on next-token loss over whole sentences of a
-toy English built from the words of :mod:`hookpatch.tasks.vocab`. The corpus mixes
+toy English built from the words of :mod:`hookpatch.tasks._vocab`. The corpus mixes
 
 * **IOI** sentences (indirect-object identification, ABBA and BABA orders), e.g.
   ``"When John and Mary went to the shops, John gave the bag to Mary."``;
@@ -24,7 +24,7 @@ them frames of ``vocab.PRONOUN_TEMPLATES``). :func:`heldout_ioi_prompts` and :fu
 build the evaluation sets used by the tests and the model card.
 
 The tokenizer's vocabulary is frozen data, :data:`VOCABULARY_FILE` (read by
-:func:`vocabulary`), not derived from :mod:`hookpatch.tasks.vocab`: the sentences here may use
+:func:`vocabulary`), not derived from :mod:`hookpatch.tasks._vocab`: the sentences here may use
 only its words, which the tokenizer builder checks on :func:`sample_texts` and the training
 loop on every example.
 """
@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from hookpatch.errors import HookpatchError
-from hookpatch.tasks import vocab
+from hookpatch.tasks import _vocab as vocab
 
 APOS = "’"  # the curly apostrophe of vocab.PRONOUN_TEMPLATES ("isn’t")
 
@@ -342,7 +342,7 @@ def vocabulary(path: str | os.PathLike = VOCABULARY_FILE) -> Vocabulary:
     """The frozen vocabulary of the organism's tokenizer (``vocabulary.json`` beside this module).
 
     It is data, written once from the tokenizer the shipped checkpoint was trained with, and
-    deliberately not derived from :mod:`hookpatch.tasks.vocab` or any test helper: editing a
+    deliberately not derived from :mod:`hookpatch.tasks._vocab` or any test helper: editing a
     task builder must not change the organism's tokenizer. Raises a
     :class:`~hookpatch.errors.HookpatchError` naming the file if it is missing or malformed.
     """

@@ -14,7 +14,7 @@ grid of :func:`hookpatch.sweeps.patch_sweep` is available: ``("layer", "pos")``,
 Values are *effects*: the estimated change ``patched − unpatched`` of the metric, per prompt
 (activation patching's ``SweepResult`` holds the patched metric itself; subtract its
 ``corrupted`` (denoising) or ``clean`` (noising) baseline to compare, as
-:func:`hookpatch.attribution.compare` does).
+:func:`hookpatch.attribution._compare` does).
 
 Integrated gradients (``steps=N > 1``), the scheme: for each component site (one layer's
 hook) separately, the site's activation is moved (in place, as a patch) along the
@@ -47,14 +47,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from hookpatch._checks import IntLike, IntsLike, as_metric, metric_name, require_finite_result
 from hookpatch._provenance import Provenance, grid_facts, run_facts
 from hookpatch.attribution._sites import MetricLike, check_options, n_passes, site_attributions
-from hookpatch.checks import IntLike, IntsLike, as_metric, metric_name, require_finite_result
-from hookpatch.model.facts import component_info, hook_flags
-from hookpatch.model.loading import require_eval
+from hookpatch.model._facts import component_info, hook_flags
+from hookpatch.model._loading import require_eval
 from hookpatch.results import SweepResult
-from hookpatch.sweeps.grid import Grid
-from hookpatch.tasks.promptset import PromptSet
+from hookpatch.sweeps._grid import Grid
+from hookpatch.tasks._promptset import PromptSet
 
 
 def attribution_sweep(

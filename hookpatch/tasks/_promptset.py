@@ -20,10 +20,10 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from hookpatch._checks import IntsLike, as_int_list, as_ints, require_model
 from hookpatch._summary import clip, listing
-from hookpatch.checks import IntsLike, as_int_list, as_ints, require_model
 from hookpatch.errors import HookpatchError
-from hookpatch.model.tokens import encode, prepend_bos_default, str_tokens, to_single_token
+from hookpatch.model._tokens import encode, prepend_bos_default, str_tokens, to_single_token
 
 END = "END"
 

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from hookpatch.errors import HookpatchError
-from hookpatch.model.tokens import prepend_bos_default
-from hookpatch.tasks import vocab
-from hookpatch.tasks.promptset import PromptSet, make_prompt_set, word_position
+from hookpatch.model._tokens import prepend_bos_default
+from hookpatch.tasks import _vocab as vocab
+from hookpatch.tasks._promptset import PromptSet, make_prompt_set, word_position
 
 
 def pronoun_prompts(

@@ -26,16 +26,16 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from hookpatch.checks import require_metric_values
+from hookpatch._checks import require_metric_values
 from hookpatch.errors import HookpatchError
-from hookpatch.hooks.factory import ablation_source
-from hookpatch.hooks.selection import Heads, Positions, activation_mask, per_prompt_positions, pos_dim
-from hookpatch.metrics.base import Metric
-from hookpatch.model.facts import ModelFacts, component_info
+from hookpatch.hooks._factory import ablation_source
+from hookpatch.hooks._selection import Heads, Positions, activation_mask, per_prompt_positions, pos_dim
+from hookpatch.metrics._base import Metric
+from hookpatch.model._facts import ModelFacts, component_info
 from hookpatch.runners import CachedRun, Chunk, Executor, Runner
 from hookpatch.runners._fast_runner import fast_cache_names
 from hookpatch.runners._protocol import first_positions
-from hookpatch.tasks.promptset import PromptSet
+from hookpatch.tasks._promptset import PromptSet
 
 __all__ = ["Cell", "CellsJob", "Source", "SweepContext", "fast_cache_names", "plan_jobs", "run_cells"]
 
@@ -55,7 +55,7 @@ class Cell:
 class Source:
     """What a cell writes: the activation of the cached run ``run`` at the cell's hook, as it
     is (``ablation=None``) or ablated (``"zero"``, ``"mean"`` or ``"resample"`` with ``seed``;
-    see :func:`hookpatch.hooks.factory.ablation_source`)."""
+    see :func:`hookpatch.hooks._factory.ablation_source`)."""
 
     run: str
     ablation: str | None = None
