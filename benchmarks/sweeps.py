@@ -33,6 +33,7 @@ from transformer_lens import patching
 
 from hookpatch.metrics import LogitDiff
 from hookpatch.model import model_facts, tiny_model
+from hookpatch.runners import runner_for
 from hookpatch.sweeps import patch_sweep
 from hookpatch.tasks import ioi_prompts, pronoun_prompts
 from hookpatch.tasks._vocab import PRONOUN_TEMPLATES
@@ -46,14 +47,19 @@ NOTES = (
     "transformerlens_s is extrapolated from the first transformerlens_fraction of the grid's cells (TL's "
     "cost per cell is constant); max_abs_diff compares those cells. peak_mb is the peak resident memory "
     "above the process's level before the sweep (after handing freed memory back to the OS with "
-    "malloc_trim), sampled every millisecond by a thread whose CPU time is not counted. roofline_s is the "
+    "malloc_trim), read from the kernel's high-water mark (VmHWM, reset before the sweep), so nothing "
+    "samples beside the timed sweep. roofline_s is the "
     "matmul work an exact implementation must do, over this thread's measured matmul throughput: the two "
     "unpatched runs, then per cell only what the patch can change before the read position (END): for "
-    "resid_pre at (layer, p), blocks from layer on at positions p..END, the last block's queries at END "
-    "only; for a head's z, its block's output projection and MLP at the patched positions, then the later "
+    "resid_pre at (layer, p), the patched block's queries, keys and values at p alone (the other positions' "
+    "are the unpatched run's) and its attention, output projection and MLP at p..END, then the later blocks "
+    "at p..END, the last block's queries at END only; for a head's z, its block's output projection through "
+    "that head's rows of W_O (a rank-d_head change) and MLP at the patched positions, then the later "
     "blocks from the first patched position on; positions after END never (causal attention); the logit "
     "difference through its residual direction (2 * d_model FLOPs) unless the logits are soft-capped. "
-    "Norms, softmax and other elementwise work are not counted, so roofline_multiple >= 1 by construction."
+    "Norms, softmax and other elementwise work are not counted, so roofline_multiple >= 1 by construction. "
+    "The runner's one-time check per model (probe_s: the fast path's logits against the bridge's on a short "
+    "probe) runs before the first sweep and is not in any sweep's hookpatch_s."
 )
 TL_AXES = {
     "resid_pre_layer_pos": (["layer", "pos"], patching.layer_pos_patch_setter, "resid_pre"),
@@ -95,11 +101,25 @@ def block_flops(facts, kv_from: int, queries: range | list[int]) -> float:
     return proj + attn + after_attention_flops(facts, len(queries))
 
 
-def after_attention_flops(facts, n: int) -> float:
-    """Matmul FLOPs of a block's rest after attention (output projection and MLP) at ``n`` positions."""
+def after_attention_flops(facts, n: int, heads: int | None = None) -> float:
+    """Matmul FLOPs of a block's rest after attention (output projection and MLP) at ``n``
+    positions; ``heads``: the output projection only through that many heads' rows of ``W_O``
+    (where only they changed, the output moves by their rank-``d_head`` share)."""
     d, d_mlp = facts.d_model, facts.d_mlp or 4 * facts.d_model
     mlp_matrices = 3 if facts.gated_mlp else 2
-    return 2 * n * facts.n_heads * facts.d_head * d + 2 * n * d * d_mlp * mlp_matrices
+    return 2 * n * (facts.n_heads if heads is None else heads) * facts.d_head * d + 2 * n * d * d_mlp * mlp_matrices
+
+
+def patched_block_flops(facts, layer: int, p: int, end: int) -> float:
+    """Matmul FLOPs of block ``layer`` when only position ``p`` of its input differs: queries,
+    keys and values at ``p`` alone (every other position's are the unpatched run's), then
+    attention, output projection and MLP for the queries that see ``p`` (``p..end``; the last
+    block: ``end`` only)."""
+    d, dh, H, Hkv = facts.d_model, facts.d_head, facts.n_heads, facts.n_kv_heads
+    queries = [end] if layer == facts.n_layers - 1 else list(range(p, end + 1))
+    proj = 2 * d * dh * (2 * Hkv + (H if p in queries else 0))
+    attn = sum(2 * 2 * (q + 1) * dh * H for q in queries)
+    return proj + attn + after_attention_flops(facts, len(queries))
 
 
 def blocks_from(facts, first: int, p: int, end: int) -> float:
@@ -118,20 +138,24 @@ def blocks_from(facts, first: int, p: int, end: int) -> float:
 def cell_flops(facts, sweep: str, layer: int, p: int, end: int, readout: float) -> float:
     """The matmul FLOPs an exact implementation must spend on one cell of one prompt.
 
-    ``resid_pre`` at (layer, p): blocks ``layer..`` from position p. A head's ``z`` patched at
-    positions ``p..`` (all positions: p = 0) changes its block only after attention: that block's
-    output projection and MLP at the patched positions (the last block: at ``end`` only), then
-    blocks ``layer + 1..`` from p. ``readout``: the metric from the final residual stream."""
+    ``resid_pre`` at (layer, p): block ``layer`` with only position p's input changed
+    (:func:`patched_block_flops`), then blocks ``layer + 1..`` from position p. A head's ``z``
+    patched at positions ``p..`` (all positions: p = 0) changes its block only after attention:
+    that head's share of the output projection and the MLP at the patched positions (the last
+    block: at ``end`` only), then blocks ``layer + 1..`` from p. ``readout``: the metric from
+    the final residual stream."""
     n = facts.n_layers
     if sweep == "resid_pre_layer_pos":
-        work = blocks_from(facts, layer, p, end)
+        if p > end:
+            return 0.0
+        work = patched_block_flops(facts, layer, p, end) + blocks_from(facts, layer + 1, p, end)
     else:
         at = [q for q in ([p] if sweep == "heads_by_pos" else range(end + 1)) if q <= end]
         if layer == n - 1:
             at = [q for q in at if q == end]
         if not at:
             return 0.0  # the patch cannot reach the read position
-        work = after_attention_flops(facts, len(at)) + blocks_from(facts, layer + 1, min(at), end)
+        work = after_attention_flops(facts, len(at), heads=1) + blocks_from(facts, layer + 1, min(at), end)
     return work + readout
 
 
@@ -176,16 +200,38 @@ def release_freed_memory() -> None:
         pass
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident memory (Linux's ``VmHWM``, via ``/proc/self/clear_refs``)
+    to its current level; False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process since start or the last :func:`reset_peak_rss` (``VmHWM``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return rss_mb()
+
+
 class PeakMemory:
-    """Peak resident memory above the level at entry, sampled every millisecond in a thread
-    (torch releases the GIL in its kernels, so the sampler keeps running during a sweep)."""
+    """Peak resident memory above the level at entry: the kernel's own high-water mark, reset
+    at entry (no sampling, so nothing runs beside the timed sweep); where the kernel cannot
+    reset it, sampled every millisecond in a thread (torch releases the GIL in its kernels, so
+    the sampler keeps running during a sweep)."""
 
     def __enter__(self) -> PeakMemory:
         release_freed_memory()
         self.base = self.peak = rss_mb()
+        self._kernel = reset_peak_rss()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
+        self._thread = None if self._kernel else threading.Thread(target=self._sample, daemon=True)
+        if self._thread is not None:
+            self._thread.start()
         return self
 
     def _sample(self) -> None:
@@ -194,8 +240,9 @@ class PeakMemory:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_mb())
+        if self._thread is not None:
+            self._thread.join()
+        self.peak = max(self.peak, rss_mb(), peak_rss_mb() if self._kernel else 0.0)
 
     @property
     def above_base_mb(self) -> float:
@@ -245,10 +292,11 @@ MODELS = {
 }
 SETTINGS = {"gpt2-small": "single,pronoun,ioi", "llama3-8b-2-blocks": "single,ioi", "qwen3-0.6b-4-blocks": "single,ioi"}
 # TL's cost per cell is the same for every cell: a measured fraction extrapolates linearly.
+# The fractions keep the whole run (three shapes, seven settings) near 20 minutes on one thread.
 TL_FRACTION = {
-    "single": {"resid_pre_layer_pos": 1.0, "heads_all_pos": 1.0, "heads_by_pos": 0.1},
-    "pronoun": {"resid_pre_layer_pos": 0.25, "heads_all_pos": 0.25, "heads_by_pos": 0.04},
-    "ioi": {"resid_pre_layer_pos": 0.25, "heads_all_pos": 0.25, "heads_by_pos": 0.04},
+    "single": {"resid_pre_layer_pos": 1.0, "heads_all_pos": 1.0, "heads_by_pos": 0.05},
+    "pronoun": {"resid_pre_layer_pos": 0.15, "heads_all_pos": 0.15, "heads_by_pos": 0.02},
+    "ioi": {"resid_pre_layer_pos": 0.15, "heads_all_pos": 0.15, "heads_by_pos": 0.02},
 }
 
 
@@ -311,9 +359,15 @@ def main() -> None:
         torch.manual_seed(0)
         model = build_model(shape)
         facts = model_facts(model)
+        # The runner's one-time check per model (its probe: the fast path's logits against the
+        # bridge's), timed on its own rather than charged to whichever sweep happens to run first.
+        t = clock()
+        with torch.no_grad():
+            runner = runner_for(model).name
+        probe_s = clock() - t
         entry = {"shape": shape, "n_layers": facts.n_layers, "d_model": facts.d_model, "n_heads": facts.n_heads,
                  "n_kv_heads": facts.n_kv_heads, "d_head": facts.d_head, "d_mlp": facts.d_mlp,
-                 "d_vocab": facts.d_vocab, "settings": []}
+                 "d_vocab": facts.d_vocab, "runner": runner, "probe_s": probe_s, "settings": []}
         print(shape, flush=True)
         settings = settings_for(model)
         for name in (args.settings or SETTINGS[shape]).split(","):

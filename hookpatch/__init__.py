@@ -17,9 +17,9 @@ from hookpatch.metrics import LogitDiff as LogitDiff
 from hookpatch.metrics import Metric as Metric
 from hookpatch.metrics import Normalized as Normalized
 from hookpatch.metrics import evaluate as evaluate
-from hookpatch.model._facts import model_facts as model_facts
-from hookpatch.model._loading import load_model as load_model
-from hookpatch.model._tiny import tiny_model as tiny_model
+from hookpatch.model import load_model as load_model
+from hookpatch.model import model_facts as model_facts
+from hookpatch.model import tiny_model as tiny_model
 from hookpatch.readouts import dla_by_component as dla_by_component
 from hookpatch.readouts import dla_by_head as dla_by_head
 from hookpatch.readouts import logit_lens as logit_lens
@@ -28,10 +28,10 @@ from hookpatch.readouts import rank_heads as rank_heads
 from hookpatch.results import SweepResult as SweepResult
 from hookpatch.sweeps import ablation_sweep as ablation_sweep
 from hookpatch.sweeps import patch_sweep as patch_sweep
-from hookpatch.tasks._ioi import ioi_prompts as ioi_prompts
-from hookpatch.tasks._promptset import PromptSet as PromptSet
-from hookpatch.tasks._promptset import make_prompt_set as make_prompt_set
-from hookpatch.tasks._pronoun import pronoun_prompts as pronoun_prompts
+from hookpatch.tasks import PromptSet as PromptSet
+from hookpatch.tasks import ioi_prompts as ioi_prompts
+from hookpatch.tasks import make_prompt_set as make_prompt_set
+from hookpatch.tasks import pronoun_prompts as pronoun_prompts
 
 try:
     __version__ = _version("hookpatch")

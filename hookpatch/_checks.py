@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from hookpatch.metrics._base import Metric
 
 # Annotations of arguments the checks below accept in several forms; they stay open so the
-# check, not a type checker, is what speaks to the user.
+# check, not a type checker, is what explains a wrong argument to the caller.
 IntLike = Any  # an int: Python, numpy or a 0-d integer tensor (see as_int)
 IntsLike = Any  # None, one IntLike, a sequence of them, or a 1-d integer array/tensor (see as_ints)
 

@@ -100,9 +100,9 @@ class GridFacts:
     Attributes:
         layers: the layers swept.
         positions: the columns or position names swept (``None``: no position axis).
-        heads: the heads swept (``None``: no head axis); query heads, or KV heads for k/v
-            under grouped-query attention.
-        kv_head_feeds: for a k/v grid under grouped-query attention, each KV head's label with
+        heads: the heads swept (``None``: no head axis); query heads, or KV heads for k, v,
+            k_input and v_input under grouped-query attention.
+        kv_head_feeds: for a grid over KV heads under grouped-query attention, each KV head's label with
             the labels of the query heads it feeds (``(("KV0", ("H0", "H1")), ...)``).
     """
 
@@ -249,10 +249,9 @@ def run_facts(model: Any, prompts: Any, metric: Any) -> dict[str, Any]:
 
 def grid_facts(grid: Any) -> GridFacts:
     """The :class:`GridFacts` of a sweep's checked grid (``hookpatch.sweeps._grid.Grid``)."""
-    feeds = grid.info().get("kv_head_feeds")
     return GridFacts(
         layers=tuple(grid.layers),
         positions=None if "pos" not in grid.by or grid.positions is None else tuple(grid.positions),
         heads=None if "head" not in grid.by or grid.heads is None else tuple(grid.heads),
-        kv_head_feeds=None if feeds is None else tuple((str(k), tuple(v)) for k, v in feeds.items()),
+        kv_head_feeds=grid.kv_head_feeds(),
     )

@@ -1,10 +1,10 @@
 """A whole case study in one self-contained HTML page: ``hookpatch report {pronoun,ioi}``.
 
-Runs the steps of the pronoun case study (``notebooks/pronoun_case_study.ipynb``) on a
-model, for the pronoun or the IOI task — prediction check, logit lens, layer and head
-DLA, attention views of the top heads, head ablation (zero and mean), residual patching by
-layer × position, head patching, attribution vs activation patching — and writes one HTML
-file with plotly's JavaScript and circuitsvis' inlined once, so it opens offline.
+Runs the steps of a case study on a model, for the pronoun or the IOI task — prediction
+check, logit lens, layer and head DLA, attention views of the top heads, head ablation (zero
+and mean), residual patching by layer × position, head patching, attribution vs activation
+patching — and writes one HTML file with plotly's JavaScript and circuitsvis' inlined once,
+so it opens offline.
 """
 
 from __future__ import annotations

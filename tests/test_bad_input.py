@@ -3,7 +3,9 @@
 Every case runs through :func:`refused`, which asserts the error type and a message naming
 the argument, and then that the call left no trace: no hook on any hook point or module, no
 ``.grad`` on a parameter, every module's train/eval mode and every parameter's
-``requires_grad`` as before, and the prompt tensors and any cache passed in bit-identical.
+``requires_grad`` as before, the config flags of gated hooks (``use_attn_result``,
+``use_split_qkv_input``, ``use_hook_mlp_in``, wherever the bridge reads them) as before, and
+the prompt tensors and any cache passed in bit-identical.
 Faults in the middle of a run (a metric that raises on its second call, a
 KeyboardInterrupt) are held to the same standard, with their own exception type.
 """
@@ -20,6 +22,7 @@ import jaxtyping
 import numpy as np
 import pytest
 import torch
+from test_components import flag_state
 
 import hookpatch as hp
 from hookpatch.attribution import compare_results
@@ -57,6 +60,7 @@ def _state(model) -> dict:
         "module_hooks": _module_hooks(model),
         "modes": {name: m.training for name, m in model.named_modules()},
         "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
+        "flags": flag_state(model),
     }
 
 
@@ -80,6 +84,7 @@ def refused(models, call, match, *tensors, error=HookpatchError):
         assert new["modes"] == old["modes"], "a module's train/eval mode changed"
         assert new["requires_grad"] == old["requires_grad"], "a parameter's requires_grad changed"
         assert all(p.grad is None for p in model.parameters()), "a .grad was left on a parameter"
+        assert new["flags"] == old["flags"], "a hook flag (use_attn_result, ...) was left changed"
     for original, copy in zip(tensors, copies, strict=True):
         assert torch.equal(original, copy), "an input tensor was modified"
 
@@ -348,6 +353,11 @@ FAULTS = {  # a run, and the metric call that fails: the first one after the unp
     "ablation": (3, lambda c, m: hp.ablation_sweep(c.model, c.prompts, m, how="mean", memory_budget=1, **QUIET)),
     "attribution": (2, lambda c, m: hp.attribution_sweep(c.model, c.prompts, m, "z", by=("layer", "head"), **QUIET)),
     "integrated_gradients": (4, lambda c, m: hp.attribution_sweep(c.model, c.prompts, m, steps=4, steps_per_pass=2, **QUIET)),
+    # components whose hooks need a config flag: the sweep turns it on, so a fault must turn it off
+    "patch_result_bridge": (3, lambda c, m: hp.patch_sweep(c.model, c.prompts, m, "result", fast=False, memory_budget=1, **QUIET)),
+    "patch_q_input_fast": (3, lambda c, m: hp.patch_sweep(c.model, c.prompts, m, "q_input", by=("layer", "head"), fast=True, memory_budget=1, **QUIET)),
+    "ablation_mlp_in": (3, lambda c, m: hp.ablation_sweep(c.model, c.prompts, m, "mlp_in", by=("layer",), how="mean", memory_budget=1, **QUIET)),
+    "attribution_k_input": (2, lambda c, m: hp.attribution_sweep(c.model, c.prompts, m, "k_input", by=("layer", "head"), **QUIET)),
 }
 
 

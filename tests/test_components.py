@@ -389,7 +389,7 @@ def test_grids_and_selection_of_new_components(llama_model, prompts_of):
 
 # Files that still build hook names themselves; each must move to hookpatch.model._facts
 # (hook_name, resid_entering, attention_key). A new file here fails the test.
-PENDING = ("runners/_fast_runner.py", "runners/fast/")
+PENDING: tuple[str, ...] = ()
 HOOK_NAME_BUILT = re.compile(r"""f["']blocks\.\{|["']blocks\.\{layer\}|\.format\(layer=""")
 
 

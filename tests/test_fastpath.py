@@ -450,7 +450,7 @@ def test_bad_arguments_are_refused(llama_model):
 def test_run_with_cache_equals_the_bridge(family, component, request):
     """The sweep's caches: the fast runner's full forward from the embeddings (Gemma 2's
     scaled embedding and final soft cap included)."""
-    from hookpatch.sweeps._engine import fast_cache_names
+    from hookpatch.runners._fast_runner import fast_cache_names
     from hookpatch.tasks import pronoun_prompts
 
     model = request.getfixturevalue(f"{family}_model")

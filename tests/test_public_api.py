@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import pkgutil
 import re
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import pytest
 import hookpatch
 
 PACKAGES = ["hookpatch", "hookpatch.model", "hookpatch.organism", "hookpatch.tasks", "hookpatch.metrics",
-            "hookpatch.hooks", "hookpatch.sweeps", "hookpatch.readouts", "hookpatch.attribution", "hookpatch.views"]
+            "hookpatch.hooks", "hookpatch.sweeps", "hookpatch.readouts", "hookpatch.attribution", "hookpatch.views",
+            "hookpatch.runners"]
 README = Path(__file__).resolve().parent.parent / "README.md"
 # Backticked words in README's "What is in it" that are not Python names of the module the
 # bullet names: TransformerLens options and functions, position names, corruption names.
@@ -26,6 +28,19 @@ def test_every_exported_name_is_documented(package):
     for name in module.__all__:
         obj = getattr(module, name)
         assert obj.__doc__, f"{package}.{name} has no docstring"
+
+
+def test_implementation_modules_are_private():
+    """Public modules are the packages, the top-level modules a user imports or runs, and the
+    organism's two scripts; every other module is private (``_name.py``), reached through its
+    package's ``__init__``, so it can move without breaking anyone's imports."""
+    modules = {m.name for m in pkgutil.walk_packages(hookpatch.__path__, "hookpatch.")}
+    public = {m for m in modules if not any(part.startswith("_") for part in m.split("."))}
+    packages = {m for m in modules if hasattr(importlib.import_module(m), "__path__")}
+    scripts = {"hookpatch.cli", "hookpatch.errors", "hookpatch.report", "hookpatch.results",
+               "hookpatch.organism.analysis", "hookpatch.organism.train"}
+    assert public - packages == scripts
+    assert len(modules - public) >= 50  # the walk found the private modules too
 
 
 def test_top_level_surface_is_small():

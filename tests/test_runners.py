@@ -15,8 +15,9 @@ from hookpatch.errors import HookpatchError
 from hookpatch.hooks import ablate_hook
 from hookpatch.metrics import LogitDiff
 from hookpatch.metrics._base import CallableMetric, as_metric
-from hookpatch.model import COMPONENTS
+from hookpatch.model import COMPONENTS, component_info, hook_flags, model_facts
 from hookpatch.runners import BridgeRunner, FastRunner, InProcessExecutor, runner_for
+from hookpatch.runners._bridge import _activation_bytes
 from hookpatch.runners.fast import FastForward
 from hookpatch.sweeps._engine import Source, plan_jobs, run_cells
 from hookpatch.sweeps._patching import _Context, ablation_sweep, patch_sweep
@@ -123,6 +124,27 @@ def test_a_bad_executor_is_refused(gpt2_model, prompts):
         patch_sweep(gpt2_model, p, LogitDiff(p), executor=InProcessExecutor, **QUIET)
     with pytest.raises(HookpatchError, match=r"executor= must be an executor instance"):
         patch_sweep(gpt2_model, p, LogitDiff(p), executor=object(), **QUIET)
+
+
+@pytest.mark.filterwarnings("ignore:run_with_cache. skipped .* gated-off hook")  # the other flags' hooks
+@pytest.mark.parametrize("component", ["z", "result", "q_input", "mlp_in"])
+def test_the_memory_estimate_covers_a_block_with_the_components_flag_on(model, prompts, component):
+    """The planner's estimate of one forward's activations is at least what one block really
+    materializes (distinct tensors of its cached hooks) with the swept component's flag on:
+    the per-head copies of q_input/k_input/v_input and result outweigh the rest of a block."""
+    p = prompts[id(model)]
+    facts = model_facts(model)
+    tokens = p.clean_tokens
+    with torch.no_grad(), hook_flags(model, [component]):
+        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.startswith("blocks.0."))
+    assert component_info(component).hook_name(0) in cache
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in cache.values()}
+    assert _activation_bytes(facts, *tokens.shape, component) >= sum(storages.values())
+    runner = BridgeRunner(model)  # the bridge runner plans with the component its cache_runs saw
+    before = runner.bytes_per_variant(facts, LogitDiff(p), *tokens.shape)
+    runner.cache_runs({"clean": tokens}, LogitDiff(p), component, [0])
+    extra = runner.bytes_per_variant(facts, LogitDiff(p), *tokens.shape) - before
+    assert extra == 4 * tokens.numel() * facts.flagged_elements(component)
 
 
 def test_runner_choice(gpt2_model):

@@ -53,8 +53,7 @@ def family(model):
 
 def runner(result):
     """Which runner produced a sweep result: "fast" or "bridge" (read from its provenance)."""
-    provenance = getattr(result, "provenance", None)
-    return provenance.runner if provenance is not None else result.info["runner"]
+    return result.provenance.runner
 
 
 _PROMPTS: dict[int, object] = {}

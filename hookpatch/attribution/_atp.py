@@ -33,9 +33,9 @@ IG is ``n_layers × ceil(N / steps_per_pass)`` forward + backward passes of
 ``steps_per_pass × batch`` rows. Prompts are batched; prompts do not interact, so the
 gradient of ``metric(logits).sum()`` is each prompt's own gradient.
 
-Grouped-query attention: ``k`` and ``v`` are attributed per KV head (labels ``"KV0"``),
-``q``/``z``/``pattern`` per query head (``"H3"``); ``provenance.grid.kv_head_feeds`` lists the query
-heads each KV head feeds.
+Grouped-query attention: ``k``, ``v``, ``k_input`` and ``v_input`` are attributed per KV
+head (labels ``"KV0"``), ``q``/``z``/``pattern``/``result``/``q_input`` per query head
+(``"H3"``); ``provenance.grid.kv_head_feeds`` lists the query heads each KV head feeds.
 """
 
 from __future__ import annotations
@@ -84,7 +84,9 @@ def attribution_sweep(
         prompts: the clean/corrupted prompt set.
         metric: a differentiable :class:`Metric` (or callable ``logits[..., batch, pos, vocab]
             → [..., batch]``).
-        component: resid_pre/mid/post, attn_out, mlp_out, z, q, k, v, pattern.
+        component: resid_pre/mid/post, attn_out, mlp_out, z, q, k, v, pattern, result,
+            q_input, k_input, v_input or mlp_in, as in :func:`hookpatch.sweeps.patch_sweep`
+            (the flags of the last five are turned on for the call and restored).
         by: the grid axes, as in :func:`hookpatch.sweeps.patch_sweep`.
         direction: ``"denoising"`` (gradient on the corrupted run × (clean − corrupted)) or
             ``"noising"`` (gradient on the clean run × (corrupted − clean)).

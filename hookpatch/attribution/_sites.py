@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from hookpatch._checks import IntLike, as_count, as_metric, require_finite_runs, require_metric_values
 from hookpatch.errors import HookpatchError
 from hookpatch.metrics._base import Metric
-from hookpatch.model._facts import edits_in_place
+from hookpatch.model._facts import edits_in_place, hook_name
 from hookpatch.model._loading import require_eval
 from hookpatch.tasks._promptset import PromptSet
 
@@ -201,12 +201,15 @@ def run_metric(
         raise _Stopped
 
     try:
-        with model.hooks(fwd_hooks=[*fwd_hooks, ("unembed.hook_in", stop)]):
+        with model.hooks(fwd_hooks=[*fwd_hooks, (hook_name("unembed_in"), stop)]):
             model(tokens)
     except _Stopped:
         pass
     if "final" not in held:
-        raise HookpatchError("the model's forward never reached 'unembed.hook_in'; is it a TransformerBridge?")
+        raise HookpatchError(
+            f"the model's forward never reached {hook_name('unembed_in')!r}; pass a TransformerBridge "
+            "(hookpatch.load_model loads one)."
+        )
     final = held["final"]  # [rows, pos, d_model]: the unembedding's input
     read = reads.to(final.device).repeat(rows // batch, 1)  # [rows, n_read]
     final = final[torch.arange(rows, device=final.device).unsqueeze(-1), read]  # [rows, n_read, d_model]

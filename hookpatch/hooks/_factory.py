@@ -40,16 +40,11 @@ def replace_where(
 ) -> Float[Tensor, "..."]:
     """``activation`` with the entries selected by ``mask`` taken from ``source``.
 
-    ``mask`` and ``source`` cover all positions; a runner that computes only positions from
-    ``hook.pos_offset`` on (hookpatch's fast path) gets them sliced to match. The edit is
-    made in place, or as a new tensor where the component table says a hook's tensor is
-    shared with other readers (``in_place=None``: as the table says for ``hook.name``).
+    ``mask`` and ``source`` cover all positions of the activation (or broadcast over them).
+    The edit is made in place, or as a new tensor where the component table says a hook's
+    tensor is shared with other readers (``in_place=None``: as the table says for
+    ``hook.name``).
     """
-    offset = getattr(hook, "pos_offset", 0)
-    if offset:
-        mask = mask.narrow(pos_dim, offset, mask.shape[pos_dim] - offset) if mask.shape[pos_dim] > 1 else mask
-        if source.ndim and source.shape[pos_dim] > 1:
-            source = source.narrow(pos_dim, offset, source.shape[pos_dim] - offset)
     if source.ndim and source.shape[pos_dim] != activation.shape[pos_dim] and source.shape[pos_dim] > 1:
         raise HookpatchError(
             f"{hook.name}: the source activation has {source.shape[pos_dim]} positions but the run "

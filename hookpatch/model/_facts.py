@@ -16,6 +16,7 @@ block and restores the previous values afterwards, also on error.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -317,6 +318,19 @@ class ModelFacts:
             }
             for c in COMPONENTS.values()
         ]
+
+    def flagged_elements(self, component: str) -> int:
+        """Elements per (row, position) that the hooks gated by ``component``'s config flag add
+        to a forward: every component sharing the flag, since the flag turns all of them on
+        (``q_input``: the per-head copies for queries, keys and values together; ``result``:
+        ``n_heads × d_model``). 0 for a component whose hook needs no flag."""
+        flag = component_info(component).flag
+        if flag is None:
+            return 0
+        sizes = self.axis_sizes()
+        return sum(
+            math.prod(sizes[a] for a in c.axes if a in sizes) for c in COMPONENTS.values() if c.flag == flag
+        )
 
     def axis_sizes(self) -> dict[str, int]:
         """The fixed sizes of the named feature axes (batch and positions vary per run)."""

@@ -3,7 +3,7 @@
 ``load_model`` accepts TransformerLens aliases (``"gpt2-small"``), HuggingFace ids
 (``"Qwen/Qwen3-0.6B"``), local checkpoint directories and ``"organism"`` (the small trained
 model shipped with hookpatch). It applies the processing that TransformerLens' GPT-2 small
-analyses, and the published numbers quoted in ``notebooks/``, assume (``fold_ln``,
+analyses and their published numbers assume (``fold_ln``,
 ``center_writing_weights``, ``center_unembed``) and returns the model in eval mode. Without
 a network, a hub name that is not in the local cache fails at once with a message saying what
 to pass instead, not after half a minute of retries.

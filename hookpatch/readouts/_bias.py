@@ -3,7 +3,7 @@
 Folding the final LayerNorm's bias into the unembedding leaves a per-token bias ``b_U``, a
 prior the model applies before reading any context. For " he" vs " she" in GPT-2 small it is
 4.5582 vs 3.6625: " he" starts out 2.449× as likely, which the pronoun circuit has to overcome
-on prompts about women (``notebooks/pronoun_case_study.ipynb``, section 10).
+on prompts about women.
 """
 
 from __future__ import annotations

@@ -110,7 +110,7 @@ def dla_by_neuron(model: Any, prompts: PromptSet, metric: Metric, layer: IntLike
     post = cache[hook_name("mlp_post", layer)][rows, end]  # [batch, d_mlp]
     mlp = model.blocks[layer].mlp
     W_out = center(model, mlp.W_out)  # [d_mlp, d_model]
-    scale = cache["ln_final.hook_scale"][rows, end]  # [batch, 1]
+    scale = cache[hook_name("ln_final_scale")][rows, end]  # [batch, 1]
     per_unit = (dirs.to(W_out.device) @ W_out.T) / scale  # [batch, d_mlp]
     values = (post * per_unit).T  # [neuron, batch]
     b_out = center(model, _bias_vector(mlp, "b_out", facts.d_model))

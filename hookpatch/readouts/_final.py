@@ -3,9 +3,9 @@
 ``"final_scale"``: divide by the scale the final LayerNorm used on the real run (cached as
 ``ln_final.hook_scale``), after centering for LayerNorm. This is linear, so per-component
 parts sum to the metric; it is the DLA convention and the logit lens of TransformerLens' GPT-2
-small pronoun case study, whose numbers ``notebooks/pronoun_case_study.ipynb`` reproduces.
-``"renormalized"``: normalize each intermediate residual with its own scale, the "true"
-logit lens (TransformerLens issue 1076: using the final scale there misreads early layers).
+small pronoun case study. ``"renormalized"``: normalize each intermediate residual with its
+own scale, the "true" logit lens (the final scale belongs to the final residual stream, whose
+norm usually differs greatly from an early layer's, so it misreads early layers).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from hookpatch.errors import HookpatchError
+from hookpatch.model._facts import hook_name
 
 CONVENTIONS = ("final_scale", "renormalized")
 
@@ -47,7 +48,7 @@ def apply_final_ln(
     x = center(model, x)
     if convention == "final_scale":
         rows = torch.arange(x.shape[1], device=x.device)
-        scale = cache["ln_final.hook_scale"][rows, end.to(x.device)]  # [batch, 1]
+        scale = cache[hook_name("ln_final_scale")][rows, end.to(x.device)]  # [batch, 1]
         return x / scale
     eps = float(getattr(model.cfg, "eps", 1e-5))
     return x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()

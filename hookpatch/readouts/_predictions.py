@@ -1,7 +1,7 @@
 """What the model predicts after a prompt: top-k tokens and the answer's rank, as a table.
 
 TransformerLens' ``utils.test_prompt`` only prints; this returns the numbers (rank, logit,
-probability) so a notebook can assert on them or plot them, and prints the same view.
+probability) so code can assert on them or plot them, and prints the same view.
 """
 
 from __future__ import annotations

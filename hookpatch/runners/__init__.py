@@ -2,9 +2,9 @@
 
 - :class:`Runner`, the protocol between the sweep engine and a model: cache the unpatched
   runs, run a chunk of stacked cells. :class:`BridgeRunner` uses the TransformerBridge's own
-  hooks (any model); :class:`FastRunner` hookpatch's direct block runner (GPT-2 and
-  Llama/Qwen2-style families), checked once per model against the bridge on a short probe.
-  :func:`runner_for` picks one.
+  hooks (any model); :class:`FastRunner` hookpatch's direct block runner (GPT-2,
+  Llama/Qwen2/Mistral, Qwen3/OLMo-2 and Gemma 2/3 families), checked once per model against
+  the bridge on a short probe. :func:`runner_for` picks one.
 - :class:`Executor`, which runs a sweep's picklable jobs: :class:`InProcessExecutor` by default.
 """
 

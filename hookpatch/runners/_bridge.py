@@ -34,12 +34,14 @@ class BridgeRunner:
 
     def __init__(self, model: Any):
         self.model = model
+        self.component: str | None = None  # the swept component, set by cache_runs
 
     def cache_runs(
         self, runs: Mapping[str, Int[Tensor, "batch pos"]], metric: Metric, component: str, layers: Sequence[int]
     ) -> dict[str, CachedRun]:
         """One ``run_with_cache`` per run, keeping only the component at ``layers`` (the sources)."""
         names = [component_info(component).hook_name(layer) for layer in layers]
+        self.component = component
         out = {}
         with torch.no_grad(), hook_flags(self.model, [component]):  # gated hooks (hook_result, ...) fire
             for run, tokens in runs.items():
@@ -48,8 +50,10 @@ class BridgeRunner:
         return out
 
     def bytes_per_variant(self, facts: ModelFacts, metric: Metric, batch: int, n_pos: int) -> int:
-        """Activations of one variant's forward plus its full logits."""
-        return _activation_bytes(facts, batch, n_pos) + 4 * batch * (n_pos + 1) * facts.d_vocab
+        """Activations of one variant's forward (with the hooks the swept component's flag turns
+        on, see :meth:`cache_runs`) plus its full logits."""
+        activations = _activation_bytes(facts, batch, n_pos, self.component)
+        return activations + 4 * batch * (n_pos + 1) * facts.d_vocab
 
     def run_chunk(self, chunk: Chunk, metric: Metric) -> Float[Tensor, "variant batch"]:
         """One ``run_with_hooks`` over the stacked variants; the metric on the full logits."""
@@ -61,11 +65,18 @@ class BridgeRunner:
             return metric(logits.reshape(V, B, P, -1))
 
 
-def _activation_bytes(facts: ModelFacts, batch: int, n_pos: int) -> int:
-    """A generous estimate of one forward's activations over ``batch`` rows of ``n_pos``."""
+def _activation_bytes(facts: ModelFacts, batch: int, n_pos: int, component: str | None = None) -> int:
+    """A generous estimate of one forward's float32 activations over ``batch`` rows of ``n_pos``.
+
+    With ``component``, the forward also runs the hooks its config flag turns on, which can
+    outweigh the rest: ``result`` adds ``n_heads × d_model`` per position, ``q_input``,
+    ``k_input`` or ``v_input`` about three times that (:meth:`ModelFacts.flagged_elements`).
+    """
     per_pos = (
         facts.d_model * 10
         + facts.n_heads * (n_pos * 3 + facts.d_head * 4)
         + (facts.d_mlp or 4 * facts.d_model) * 3
     )
+    if component is not None:
+        per_pos += facts.flagged_elements(component)
     return 4 * batch * n_pos * per_pos

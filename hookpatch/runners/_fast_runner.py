@@ -6,9 +6,12 @@ unpatched run, whose cached keys and values they contribute), and the computed (
 position) pairs of all cells, whatever their layers, share the same matrices, so its FLOPs are
 close to the minimal ones. A patch after attention (the component table's ``resume_point``:
 z, attn_out, resid_mid, mlp_out, resid_post) changes only the rest of its block at the
-patched positions: those rows finish the block there and join at the next one. The run stops
-at the unembedding's input at the positions the metric reads, and a linear metric reads it
-through its residual directions.
+patched positions the metric can see (at or before a read; in the last block the reads
+themselves): those rows finish the block there and join at the next one. A z patch moves the
+block's attention output by the patched heads' share of the output projection alone (one
+``d_head``-wide matmul per head instead of the whole ``W_O``), where no norm follows it. Both
+the unpatched runs and the patched ones stop at the unembedding's input at the positions the
+metric reads, and a linear metric reads it through its residual directions.
 
 Before a model's first fast sweep, :func:`probe` runs a short token sequence through both
 this runner and the bridge and compares the logits; a model whose fast logits differ falls
@@ -24,11 +27,18 @@ from functools import partial
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from hookpatch.metrics._base import Metric
-from hookpatch.model._facts import ModelFacts, component_info
+from hookpatch.model._facts import (
+    ModelFacts,
+    attention_key,
+    block_point,
+    component_info,
+    hook_name,
+    resid_entering,
+)
 from hookpatch.runners._bridge import _activation_bytes
 from hookpatch.runners._protocol import CachedRun, Chunk, selected_positions, stacked_hooks
 from hookpatch.runners.fast import FastForward, FastHook, frozen_kv_from_cache
@@ -46,15 +56,16 @@ def fast_cache_names(component: str, layers: Sequence[int], n_layers: int, rotar
     the component (the source), every block's residual stream, keys and values (where rows
     join and what frozen positions contribute), and for components with a ``resume_point`` the
     residual the patched block's rest adds to and the final residual stream."""
-    key = "attn.hook_rot_k" if rotary else "attn.hook_k"
     info = component_info(component)
     names = [info.hook_name(layer) for layer in layers]
     for layer in range(n_layers):
-        names += [f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.{key}", f"blocks.{layer}.attn.hook_v"]
+        names += [resid_entering(layer, n_layers), attention_key(layer, rotary), hook_name("v", layer)]
     if info.resume_point is not None:
         base = info.resume_base
-        names += [f"blocks.{layer}.{base}" for layer in layers] if base else []
-        names.append(f"blocks.{n_layers - 1}.hook_resid_post")
+        names += [block_point(layer, base) for layer in layers] if base else []
+        if info.resume_point == "attn.hook_z":  # the run's own output projection, moved per patched head
+            names += [hook_name("attn_out", layer) for layer in layers]
+        names.append(resid_entering(n_layers, n_layers))
     return list(dict.fromkeys(names))
 
 
@@ -76,7 +87,8 @@ class FastRunner:
         self, runs: Mapping[str, Int[Tensor, "batch pos"]], metric: Metric, component: str, layers: Sequence[int]
     ) -> dict[str, CachedRun]:
         """All runs in one forward from the embeddings, caching only what the sweep reads and
-        computing logits only at the metric's reads."""
+        stopping at the unembedding's input at the metric's reads (a linear metric reads it
+        through its residual directions, never forming the ``d_vocab``-wide logits)."""
         fast = self.fast
         names = fast_cache_names(component, layers, fast.n_layers, fast.rotary)
         tokens = torch.cat(list(runs.values()))  # [n_runs * batch, pos]
@@ -85,14 +97,15 @@ class FastRunner:
         store: dict[str, Tensor] = {}
         with torch.no_grad():
             resid = fast.embed(tokens)
-            hooks = {n: partial(_keep, store) for n in names if n != "blocks.0.hook_resid_pre"}
-            logits = fast.run(resid, 0, hooks=hooks, read_pos=reads)  # [n_runs * batch, n_read, d_vocab]
-            store["blocks.0.hook_resid_pre"] = resid.detach()
+            first = hook_name("resid_pre", 0)
+            hooks = {n: partial(_keep, store) for n in names if n != first}
+            final = fast.run(resid, 0, hooks=hooks, read_pos=reads, unembed=False)  # [n_runs * batch, n_read, d_model]
+            store[first] = resid.detach()
             out = {}
             for i, (run, run_tokens) in enumerate(runs.items()):
                 rows = slice(i * B, (i + 1) * B)
                 cache = {name: act[rows] for name, act in store.items()}
-                out[run] = CachedRun(run_tokens, cache, metric.from_reads(logits[rows]))
+                out[run] = CachedRun(run_tokens, cache, metric.from_read_inputs(final[rows], self.model, fast.unembed))
         return out
 
     def bytes_per_variant(self, facts: ModelFacts, metric: Metric, batch: int, n_pos: int) -> int:
@@ -112,10 +125,10 @@ class FastRunner:
         with torch.no_grad():
             point = component_info(chunk.component).resume_point
             if point is not None:
-                resid = self._finish_patched_blocks(chunk, point)
+                resid = self._finish_patched_blocks(chunk, point, metric.reads)
                 start, hooks = layers + 1, {}
             else:
-                resid = torch.cat([chunk.run.cache[f"blocks.{layer}.hook_resid_pre"] for layer in chunk.layers])
+                resid = torch.cat([chunk.run.cache[hook_name("resid_pre", layer)] for layer in chunk.layers])
                 hooks = stacked_hooks(chunk.component, chunk.layers, chunk.masks, chunk.sources, B, chunk.pos_dim)
                 start = layers
             reads = metric.reads.to(chunk.first_pos.device)  # [B, n_read]
@@ -127,16 +140,24 @@ class FastRunner:
             )
             return metric.from_read_inputs(final.view(V, B, *final.shape[1:]), self.model, fast.unembed)
 
-    def _finish_patched_blocks(self, chunk: Chunk, point: str) -> Float[Tensor, "rows pos d_model"]:
+    def _finish_patched_blocks(
+        self, chunk: Chunk, point: str, metric_reads: Int[Tensor, "batch n_read"]
+    ) -> Float[Tensor, "rows pos d_model"]:
         """Per variant row, the residual stream entering the block after the cell's layer —
-        the run's, except at the patched positions, where the patched block is finished from
-        the patched activation at ``point`` (``[V * B, pos, d_model]``)."""
+        the run's, except at the patched positions the metric can see, where the patched block
+        is finished from the patched activation at ``point`` (``[V * B, pos, d_model]``).
+
+        Positions after a prompt's last read never reach it (causal attention), and in the last
+        block only the read positions themselves do, so the block is finished only there: the
+        other positions keep the unpatched run's residual, which nothing downstream reads."""
         fast, run, d = self.fast, chunk.run, chunk.pos_dim
         info = component_info(chunk.component)
         B = run.tokens.shape[0]
         n = fast.n_layers
         layers = list(chunk.layers)
         resid = torch.cat([run.cache[_after(layer, n)] for layer in layers])  # [V * B, pos, d_model], a new tensor
+        reach = _reaching_reads(metric_reads, B, run.tokens.shape[1], last=False)  # [B, pos]
+        reach_last = _reaching_reads(metric_reads, B, run.tokens.shape[1], last=True)
         for layer in sorted(set(layers)):
             vs = [v for v, at in enumerate(layers) if at == layer]
             name = info.hook_name(layer)
@@ -144,20 +165,44 @@ class FastRunner:
             hook = stacked_hooks(chunk.component, [layer] * len(vs), masks, chunk.sources, B, d)[name]
             own = run.cache[name]  # [B, pos, ...]: the run's own activation
             act = hook(own.repeat(len(vs), *([1] * (own.ndim - 1))), FastHook(name, layer))
-            where = torch.cat([selected_positions(m, d, B) for m in masks]).to(act.device)  # [len(vs) * B, pos]
+            # only the patched positions the metric can see: at or before a read (causal
+            # attention), and in the last block the reads themselves
+            seen = (reach_last if layer == n - 1 else reach).to(act.device).repeat(len(vs), 1)
+            where = torch.cat([selected_positions(m, d, B) for m in masks]).to(act.device) & seen  # [len(vs) * B, pos]
             base = None
             if info.resume_base is not None:
-                base = run.cache[f"blocks.{layer}.{info.resume_base}"].repeat(len(vs), 1, 1)[where]  # [n, d_model]
+                base = run.cache[block_point(layer, info.resume_base)].repeat(len(vs), 1, 1)[where]  # [n, d_model]
             rows = (torch.tensor(vs).unsqueeze(-1) * B + torch.arange(B)).flatten().to(resid.device)  # [len(vs) * B]
             block = resid[rows]
-            block[where] = fast.resume_block(layer, point, base, act[where])
+            if point == "attn.hook_z" and fast.head_output_is_linear(layer) and base is not None:
+                # hook_attn_out = the run's own + the patched heads' share of W_O (exact up to
+                # float rounding): 1 / n_heads of the output projection per patched head
+                heads = torch.cat([m.expand(B, *act.shape[1:-1], 1)[..., 0] for m in masks])[where]  # [n, head]
+                own_z = own.repeat(len(vs), *([1] * (own.ndim - 1)))[where]  # [n, head, d_head]
+                attn_out = run.cache[hook_name("attn_out", layer)].repeat(len(vs), 1, 1)[where]  # [n, d_model]
+                attn_out += fast.head_output_delta(layer, act[where] - own_z, heads.to(act.device))
+                block[where] = fast.resume_block(layer, "hook_attn_out", base, attn_out)
+            else:
+                block[where] = fast.resume_block(layer, point, base, act[where])
             resid[rows] = block
         return resid
 
 
+def _reaching_reads(
+    reads: Int[Tensor, "batch n_read"], batch: int, n_pos: int, last: bool
+) -> Bool[Tensor, "batch pos"]:
+    """Per prompt, the positions whose residual stream can change the metric: at or before its
+    last read (``last=False``: attention is causal), or the reads themselves (``last=True``:
+    after the last block every position is read on its own)."""
+    columns = torch.arange(n_pos, device=reads.device)  # [pos]
+    if last:
+        return (columns.view(1, 1, -1) == reads.unsqueeze(-1)).any(1).expand(batch, -1)
+    return (columns <= reads.max(-1, keepdim=True).values).expand(batch, -1)
+
+
 def _after(layer: int, n_layers: int) -> str:
     """The residual stream entering the block after ``layer`` (the final one after the last)."""
-    return f"blocks.{layer + 1}.hook_resid_pre" if layer + 1 < n_layers else f"blocks.{n_layers - 1}.hook_resid_post"
+    return resid_entering(layer + 1, n_layers)
 
 
 def _keep(store: dict[str, Tensor], act: Tensor, hook: Any) -> None:

@@ -62,17 +62,16 @@ class Grid:
         ]
         return torch.stack(cols).long() if cols else torch.zeros(0, len(prompts), dtype=torch.long)
 
-    def info(self) -> dict[str, Any]:
-        """Facts a result should carry: for a component on KV heads under grouped-query
-        attention (k, v, k_input, v_input), which query heads each KV head feeds."""
-        if self.facts.grouped_query and component_info(self.component).head_axis == "kv_head":
-            return {
-                "kv_head_feeds": {
-                    f"KV{k}": [f"H{h}" for h in self.facts.query_heads_of_kv_head(k)]
-                    for k in range(self.facts.n_kv_heads)
-                }
-            }
-        return {}
+    def kv_head_feeds(self) -> tuple[tuple[str, tuple[str, ...]], ...] | None:
+        """For a component on KV heads under grouped-query attention (k, v, k_input, v_input),
+        each KV head's label with the labels of the query heads it feeds
+        (``(("KV0", ("H0", "H1")), ...)``); None otherwise."""
+        if not (self.facts.grouped_query and component_info(self.component).head_axis == "kv_head"):
+            return None
+        return tuple(
+            (f"KV{k}", tuple(f"H{h}" for h in self.facts.query_heads_of_kv_head(k)))
+            for k in range(self.facts.n_kv_heads)
+        )
 
     @classmethod
     def build(

@@ -7,9 +7,10 @@ Thin specialisations of :func:`hookpatch.sweeps._engine.run_cells`:
   ``"noising"`` patches corrupted into clean (what is necessary for it);
 - :func:`ablation_sweep` — zero, mean or resample ablation of the clean run.
 
-Grids (``by``): ``("layer", "pos")`` for residual stream, attn_out, mlp_out and heads as a
-block; ``("layer", "head")`` for heads at all positions; ``("layer", "pos", "head")`` for
-heads by position. Heads are query heads for z/q/pattern and KV heads for k/v.
+Grids (``by``): ``("layer", "pos")`` for the residual stream, attn_out, mlp_out, mlp_in and
+heads as a block; ``("layer", "head")`` for heads at all positions; ``("layer", "pos",
+"head")`` for heads by position. Heads are query heads for z/q/pattern/result/q_input and KV
+heads for k/v/k_input/v_input (the component table in :mod:`hookpatch.model` says which).
 """
 
 from __future__ import annotations
@@ -71,8 +72,13 @@ def patch_sweep(
         model: a TransformerBridge in eval mode.
         prompts: the clean/corrupted prompt set.
         metric: a :class:`Metric` (or a callable ``logits[..., batch, pos, vocab] → [..., batch]``).
-        component: resid_pre/mid/post, attn_out, mlp_out, z, q, k, v, pattern.
-        by: the grid axes, one of :data:`hookpatch.sweeps._grid.GRIDS`.
+        component: resid_pre/mid/post, attn_out, mlp_out, z, q, k, v, pattern, or one whose
+            hook needs a config flag, which the sweep turns on and restores: result (each
+            head's output before the sum), q_input, k_input, v_input (each head's copy of the
+            residual stream; per KV head for k/v under grouped-query attention), mlp_in (the
+            MLP branch's input; the residual skip keeps the unpatched value).
+        by: the grid axes: ``("layer", "pos")``, ``("layer", "head")``, ``("layer", "pos",
+            "head")`` or ``("layer",)``.
         direction: ``"denoising"`` (clean → corrupted run) or ``"noising"`` (corrupted → clean).
         layers, heads: restrict the grid (default: all).
         positions: the pos axis: column indices or names of the prompt set ("S2"). Default:
@@ -121,6 +127,16 @@ def ablation_sweep(
     prompt's activation (a seeded derangement). Example:
 
         >>> res = ablation_sweep(model, prompts, AnswerLoss(prompts), "z", how="mean")   # layer × head
+
+    Args:
+        how: ``"zero"``, ``"mean"`` or ``"resample"``.
+        seed: the resample derangement's seed (recorded for every ablation).
+        component, by, layers, positions, heads, memory_budget, fast, progress, executor: as
+            in :func:`patch_sweep` (every component there can be ablated).
+
+    Returns:
+        A :class:`SweepResult` with ``values[*grid, batch]``: the metric after each ablation;
+        its effects are read against the clean run.
     """
     if how not in ABLATIONS:
         raise HookpatchError(f"unknown ablation {how!r}; expected one of {ABLATIONS}.")

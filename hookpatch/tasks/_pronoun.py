@@ -1,8 +1,7 @@
 """Pronoun prediction prompts: "Mary is a great friend, isn’t" → " she" (not " he").
 
-The task of TransformerLens' GPT-2 small pronoun case study (redone in
-``notebooks/pronoun_case_study.ipynb``): each frame with each name; the corruption swaps the
-name for one of the other gender, so the clean answer becomes the wrong one.
+The task of TransformerLens' GPT-2 small pronoun case study: each frame with each name; the
+corruption swaps the name for one of the other gender, so the clean answer becomes the wrong one.
 """
 
 from __future__ import annotations

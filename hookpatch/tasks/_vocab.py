@@ -21,8 +21,8 @@ MALE_NAMES: tuple[str, ...] = (
     "Henry", "Frank", "Scott", "Jacob", "Kyle", "Sean", "Alex", "Greg", "Tim", "Martin", "Jeff",
 )
 
-# The pronoun task of TransformerLens' GPT-2 small case study, which
-# notebooks/pronoun_case_study.ipynb redoes: five frames, pronoun " she"/" he" after "isn’t".
+# The pronoun task of TransformerLens' GPT-2 small case study: five frames, pronoun " she"/" he"
+# after "isn’t".
 # The apostrophe is the curly one of the original prompts: its published numbers depend on it.
 PRONOUN_TEMPLATES: tuple[str, ...] = (
     "{name} is a great friend, isn’t",

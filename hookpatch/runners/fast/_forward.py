@@ -9,10 +9,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from hookpatch.errors import HookpatchError
+from hookpatch.model._facts import attention_key, block_point, hook_name
 from hookpatch.runners.fast import _block
 from hookpatch.runners.fast import _checks as checks
 from hookpatch.runners.fast import _layout as lay
@@ -88,7 +89,7 @@ class FastForward:
         points += QK_NORM_POINTS if layer0.q_norm is not None else ()
         self.hook_points: tuple[str, ...] = points
         self._hook_index: dict[str, tuple[int, str]] = {
-            f"blocks.{layer}.{point}": (layer, point) for layer in range(self.n_layers) for point in points
+            block_point(layer, point): (layer, point) for layer in range(self.n_layers) for point in points
         }
 
     @property
@@ -128,9 +129,10 @@ class FastForward:
 
         with torch.no_grad():
             resid = self.embed(tokens)
-            hooks = {n: keep for n in names if n != "blocks.0.hook_resid_pre"}
+            first = hook_name("resid_pre", 0)
+            hooks = {n: keep for n in names if n != first}
             logits = self.run(resid, 0, hooks=hooks, read_pos=read_pos)
-            store["blocks.0.hook_resid_pre"] = resid.detach()
+            store[first] = resid.detach()
         return logits, store
 
     def final_norm(self, resid: Float[Tensor, "*rows d_model"]) -> Float[Tensor, "*rows d_model"]:
@@ -177,6 +179,32 @@ class FastForward:
         if point == "attn.hook_z":
             act = _block.attn_output(act, w, {}, None)  # [n, d_model]
         return _block.finish(resid, act, w, {}, None)
+
+    def head_output_is_linear(self, layer: int) -> bool:
+        """True where block ``layer``'s ``hook_attn_out`` is the output projection of z itself
+        (no post-attention norm after it), so a change of some heads' z moves it by those
+        heads' share of ``W_O`` alone (:meth:`head_output_delta`)."""
+        return self._weights.layers[layer].post_attn is None
+
+    def head_output_delta(
+        self,
+        layer: int,
+        delta: Float[Tensor, "n head d_head"],
+        heads: Bool[Tensor, "n head"],
+    ) -> Float[Tensor, "n d_model"]:
+        """How much ``hook_attn_out`` of block ``layer`` moves when z moves by ``delta`` at the
+        ``heads`` of each row (``delta`` is zero elsewhere): ``sum_h delta[:, h] @ W_O[h]``, one
+        ``[rows_h, d_head] x [d_head, d_model]`` matmul per head over just the rows that change
+        it, instead of the whole output projection (a sweep patching one head of ``n_heads``
+        spends ``1 / n_heads`` of it). Only where :meth:`head_output_is_linear`."""
+        weight = self._weights.layers[layer].o.weight  # [d_model, head * d_head]
+        d_head = self.d_head
+        out = delta.new_zeros(delta.shape[0], weight.shape[0])  # [n, d_model]
+        for h in heads.any(0).nonzero().flatten().tolist():
+            rows = heads[:, h].nonzero().flatten()  # [rows_h]
+            w_h = weight[:, h * d_head : (h + 1) * d_head]  # [d_model, d_head], a strided view (no copy)
+            out.index_add_(0, rows, delta[rows, h] @ w_h.T)
+        return out
 
     def run(
         self,
@@ -338,7 +366,7 @@ class FastForward:
             if where is None:
                 raise HookpatchError(
                     f"hooks: {name!r} is not a hook point FastForward fires. It fires "
-                    f"blocks.{{layer}}.<point> for point in {sorted(self.hook_points)}."
+                    f"blocks.<layer>.<point> for point in {sorted(self.hook_points)}."
                 )
             layer, point = where
             if layer < start:
@@ -359,10 +387,11 @@ def frozen_kv_from_cache(
     ``k`` is ``blocks.{l}.attn.hook_rot_k`` (after rotary) for rotary models and
     ``blocks.{l}.attn.hook_k`` otherwise; ``v`` is ``blocks.{l}.attn.hook_v``.
     """
-    key = "attn.hook_rot_k" if model.cfg.positional_embedding_type == "rotary" else "attn.hook_k"
+    rotary = model.cfg.positional_embedding_type == "rotary"
+    key = "attn.hook_rot_k" if rotary else "attn.hook_k"
     out = []
     for layer in range(start, model.cfg.n_layers):
-        names = (f"blocks.{layer}.{key}", f"blocks.{layer}.attn.hook_v")
+        names = (attention_key(layer, rotary), hook_name("v", layer))
         try:
             k, v = (cache[name] for name in names)
         except KeyError as err:
