@@ -33,11 +33,10 @@ from hookpatch.hooks._selection import Heads, Positions, activation_mask, per_pr
 from hookpatch.metrics._base import Metric
 from hookpatch.model._facts import ModelFacts, component_info
 from hookpatch.runners import CachedRun, Chunk, Executor, Runner
-from hookpatch.runners._fast_runner import fast_cache_names
 from hookpatch.runners._protocol import first_positions
 from hookpatch.tasks._promptset import PromptSet
 
-__all__ = ["Cell", "CellsJob", "Source", "SweepContext", "fast_cache_names", "plan_jobs", "run_cells"]
+__all__ = ["Cell", "CellsJob", "Source", "SweepContext", "plan_jobs", "run_cells"]
 
 DEFAULT_BUDGET = 2 * 1024**3  # bytes
 
