@@ -140,11 +140,10 @@ def test_the_memory_estimate_covers_a_block_with_the_components_flag_on(model, p
     assert component_info(component).hook_name(0) in cache
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in cache.values()}
     assert _activation_bytes(facts, *tokens.shape, component) >= sum(storages.values())
-    runner = BridgeRunner(model)  # the bridge runner plans with the component its cache_runs saw
-    before = runner.bytes_per_variant(facts, LogitDiff(p), *tokens.shape)
-    runner.cache_runs({"clean": tokens}, LogitDiff(p), component, [0])
-    extra = runner.bytes_per_variant(facts, LogitDiff(p), *tokens.shape) - before
-    assert extra == 4 * tokens.numel() * facts.flagged_elements(component)
+    for runner in (BridgeRunner(model), FastRunner(model)):  # both plan with the swept component's hooks
+        before = runner.bytes_per_variant(facts, LogitDiff(p), "resid_pre", *tokens.shape)
+        extra = runner.bytes_per_variant(facts, LogitDiff(p), component, *tokens.shape) - before
+        assert extra == 4 * tokens.numel() * facts.flagged_elements(component)
 
 
 def test_runner_choice(gpt2_model):

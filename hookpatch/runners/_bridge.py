@@ -34,14 +34,12 @@ class BridgeRunner:
 
     def __init__(self, model: Any):
         self.model = model
-        self.component: str | None = None  # the swept component, set by cache_runs
 
     def cache_runs(
         self, runs: Mapping[str, Int[Tensor, "batch pos"]], metric: Metric, component: str, layers: Sequence[int]
     ) -> dict[str, CachedRun]:
         """One ``run_with_cache`` per run, keeping only the component at ``layers`` (the sources)."""
         names = [component_info(component).hook_name(layer) for layer in layers]
-        self.component = component
         out = {}
         with torch.no_grad(), hook_flags(self.model, [component]):  # gated hooks (hook_result, ...) fire
             for run, tokens in runs.items():
@@ -49,10 +47,10 @@ class BridgeRunner:
                 out[run] = CachedRun(tokens, cache, metric(logits))
         return out
 
-    def bytes_per_variant(self, facts: ModelFacts, metric: Metric, batch: int, n_pos: int) -> int:
-        """Activations of one variant's forward (with the hooks the swept component's flag turns
-        on, see :meth:`cache_runs`) plus its full logits."""
-        activations = _activation_bytes(facts, batch, n_pos, self.component)
+    def bytes_per_variant(self, facts: ModelFacts, metric: Metric, component: str, batch: int, n_pos: int) -> int:
+        """Activations of one variant's forward (with the hooks ``component``'s config flag turns
+        on) plus its full logits."""
+        activations = _activation_bytes(facts, batch, n_pos, component)
         return activations + 4 * batch * (n_pos + 1) * facts.d_vocab
 
     def run_chunk(self, chunk: Chunk, metric: Metric) -> Float[Tensor, "variant batch"]:

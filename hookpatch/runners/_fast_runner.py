@@ -108,12 +108,13 @@ class FastRunner:
                 out[run] = CachedRun(run_tokens, cache, metric.from_read_inputs(final[rows], self.model, fast.unembed))
         return out
 
-    def bytes_per_variant(self, facts: ModelFacts, metric: Metric, batch: int, n_pos: int) -> int:
-        """Activations of one variant's forward; logits only where a metric reads several
-        positions (one read goes through the residual stream or a single row)."""
+    def bytes_per_variant(self, facts: ModelFacts, metric: Metric, component: str, batch: int, n_pos: int) -> int:
+        """Activations of one variant's forward (with the per-head tensors ``component``'s hook
+        point materializes when bound); logits only where a metric reads several positions (one
+        read goes through the residual stream or a single row)."""
         n_read = int(metric.reads.shape[-1])
         logits = 0 if n_read == 1 else n_read * facts.d_vocab
-        return _activation_bytes(facts, batch, n_pos) + 4 * batch * (logits + facts.d_vocab)
+        return _activation_bytes(facts, batch, n_pos, component) + 4 * batch * (logits + facts.d_vocab)
 
     def run_chunk(self, chunk: Chunk, metric: Metric) -> Float[Tensor, "variant batch"]:
         """Variant ``v``'s rows join at its cell's layer (or, after a ``resume_point``

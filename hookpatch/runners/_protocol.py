@@ -81,8 +81,9 @@ class Runner(Protocol):
         at ``layers`` reads."""
         ...
 
-    def bytes_per_variant(self, facts: ModelFacts, metric: Metric, batch: int, n_pos: int) -> int:
-        """A generous estimate of the memory one stacked variant needs during a chunk."""
+    def bytes_per_variant(self, facts: ModelFacts, metric: Metric, component: str, batch: int, n_pos: int) -> int:
+        """A generous estimate of the memory one stacked variant needs during a chunk that
+        patches ``component``."""
         ...
 
     def run_chunk(self, chunk: Chunk, metric: Metric) -> Float[Tensor, "variant batch"]:

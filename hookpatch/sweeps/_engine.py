@@ -178,7 +178,7 @@ def plan_jobs(
     B, P = run.tokens.shape
     first_pos = _first_positions(context, cells, B, P)
     order = sorted(range(len(cells)), key=lambda i: (cells[i].layer, int(first_pos[i].min())))
-    per_variant = context.runner.bytes_per_variant(context.facts, context.metric, B, P)
+    per_variant = context.runner.bytes_per_variant(context.facts, context.metric, component, B, P)
     size = max(1, min(len(cells), memory_budget // max(per_variant, 1)))
     first_read = context.metric.reads.min(-1).values  # [B]
     # (row, position) pairs a variant computes: from its first patched or read position on
