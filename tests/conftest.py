@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from hookpatch.model import tiny_model
+from hookpatch.tasks import make_prompt_set
 
 torch.set_num_threads(2)
 
@@ -96,3 +97,16 @@ def variant_model(request):
     """Each of the six architecture variants in turn (built on first use, once per session)."""
     name = request.param
     return request.getfixturevalue(f"{name}_variant_model" if name in ("gpt2", "llama") else f"{name}_model")
+
+
+@pytest.fixture(scope="session")
+def small_prompts(gpt2_model, llama_model):
+    """Four short prompt pairs (6 tokens) per model, so reference loops stay cheap."""
+    def build(m):
+        return make_prompt_set(
+            m,
+            ["Mary went to the store", "John went to the park", "Amy went to the shops", "Dan went to the bank"],
+            ["John went to the store", "Mary went to the park", "Dan went to the shops", "Amy went to the bank"],
+            [(" she", " he"), (" he", " she"), (" she", " he"), (" he", " she")],
+        )
+    return {id(m): build(m) for m in (gpt2_model, llama_model)}

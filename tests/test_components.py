@@ -21,26 +21,13 @@ from hookpatch.hooks import patch_hook
 from hookpatch.metrics import LogitDiff
 from hookpatch.model import COMPONENTS, component_info, hook_flags, hook_name, model_facts
 from hookpatch.sweeps import ablation_sweep, patch_sweep
-from hookpatch.tasks import make_prompt_set, pronoun_prompts
+from hookpatch.tasks import pronoun_prompts
 
 ATOL = 1e-4
 NEW = ("result", "q_input", "k_input", "v_input", "mlp_in")
 PER_HEAD = ("result", "q_input", "k_input", "v_input")
 FLAGS = ("use_attn_result", "use_split_qkv_input", "use_hook_mlp_in")
 POSITIONS = [0, 3, 5]
-
-
-@pytest.fixture(scope="module")
-def prompts_of(gpt2_model, llama_model):
-    """Four short prompt pairs (6 tokens) per model, so reference loops stay cheap."""
-    def build(m):
-        return make_prompt_set(
-            m,
-            ["Mary went to the store", "John went to the park", "Amy went to the shops", "Dan went to the bank"],
-            ["John went to the store", "Mary went to the park", "Dan went to the shops", "Amy went to the bank"],
-            [(" she", " he"), (" he", " she"), (" she", " he"), (" he", " she")],
-        )
-    return {id(m): build(m) for m in (gpt2_model, llama_model)}
 
 
 def flag_state(model):
@@ -127,9 +114,9 @@ def test_table_rows_of_the_new_components(llama_model):
 
 
 @pytest.mark.parametrize("component", NEW)
-def test_table_shapes_match_the_bridge_cache_with_flags(model, prompts_of, component):
+def test_table_shapes_match_the_bridge_cache_with_flags(model, small_prompts, component):
     """The table's axes are what the bridge really hands the hook, at every layer."""
-    prompts = prompts_of[id(model)]
+    prompts = small_prompts[id(model)]
     facts = model_facts(model)
     info = component_info(component)
     sizes = {**facts.axis_sizes(), "batch": len(prompts), "pos": prompts.n_pos}
@@ -142,9 +129,9 @@ def test_table_shapes_match_the_bridge_cache_with_flags(model, prompts_of, compo
 
 @pytest.mark.parametrize("component", PER_HEAD)
 @pytest.mark.parametrize("by", [("layer", "head"), ("layer", "pos", "head")])
-def test_head_components_equal_hand_loop_and_transformerlens(model, prompts_of, component, by):
+def test_head_components_equal_hand_loop_and_transformerlens(model, small_prompts, component, by):
     """Per head (query heads, or KV heads for k_input/v_input), at all positions or by position."""
-    prompts = prompts_of[id(model)]
+    prompts = small_prompts[id(model)]
     metric = LogitDiff(prompts)
     facts = model_facts(model)
     info = component_info(component)
@@ -178,10 +165,10 @@ IDENTITIES = {
 
 
 @pytest.mark.parametrize("component", sorted(IDENTITIES))
-def test_input_copies_equal_transformerlens_qkv_patching(model, prompts_of, component):
+def test_input_copies_equal_transformerlens_qkv_patching(model, small_prompts, component):
     """Patching head h's copy of the residual with the clean one makes exactly head h's q (or
     KV head g's k/v) clean, so it equals TransformerLens' q/k/v head patching."""
-    prompts = prompts_of[id(model)]
+    prompts = small_prompts[id(model)]
     metric = LogitDiff(prompts)
     _, fn = IDENTITIES[component]
     with torch.no_grad():
@@ -215,10 +202,10 @@ def test_every_variant_patches_the_new_components_on_the_bridge(variant_model):
     assert not any(flag_state(model).values())
 
 
-def test_result_of_all_heads_equals_transformerlens_attn_out(model, prompts_of):
+def test_result_of_all_heads_equals_transformerlens_attn_out(model, small_prompts):
     """attn_out = sum over heads of result + b_O, so all heads' results at a position patch
     attn_out there."""
-    prompts = prompts_of[id(model)]
+    prompts = small_prompts[id(model)]
     metric = LogitDiff(prompts)
     with torch.no_grad():
         _, cache = model.run_with_cache(prompts.clean_tokens)
@@ -229,12 +216,12 @@ def test_result_of_all_heads_equals_transformerlens_attn_out(model, prompts_of):
 
 
 @pytest.mark.parametrize("direction", ["denoising", "noising"])
-def test_mlp_in_equals_hand_loop_and_transformerlens_mlp_out(model, prompts_of, direction):
+def test_mlp_in_equals_hand_loop_and_transformerlens_mlp_out(model, small_prompts, direction):
     """The MLP acts per position, so patching its input with the source run's makes its output
     the source's there: mlp_in patching equals TransformerLens' mlp_out patching. An in-place
     edit at hook_mlp_in would also reach the residual skip (the bridge hooks resid_mid itself)
     and give resid_mid patching instead."""
-    prompts = prompts_of[id(model)]
+    prompts = small_prompts[id(model)]
     metric = LogitDiff(prompts)
     facts = model_facts(model)
     result = patch_sweep(model, prompts, metric, "mlp_in", direction=direction, fast=False, progress=False)
@@ -254,8 +241,8 @@ def test_mlp_in_equals_hand_loop_and_transformerlens_mlp_out(model, prompts_of, 
 
 
 @pytest.mark.parametrize("component", ["result", "k_input"])
-def test_mean_ablation_equals_hand_loop(model, prompts_of, component):
-    prompts = prompts_of[id(model)]
+def test_mean_ablation_equals_hand_loop(model, small_prompts, component):
+    prompts = small_prompts[id(model)]
     metric = LogitDiff(prompts)
     facts = model_facts(model)
     info = component_info(component)
@@ -277,10 +264,10 @@ def test_mean_ablation_equals_hand_loop(model, prompts_of, component):
     assert torch.allclose(result.values.reshape(len(out), -1), torch.stack(out), atol=ATOL)
 
 
-def test_patch_hook_on_mlp_in_returns_a_new_tensor(gpt2_model, prompts_of):
+def test_patch_hook_on_mlp_in_returns_a_new_tensor(gpt2_model, small_prompts):
     """patch_hook at mlp_in in a user's own loop leaves the residual skip alone: it equals
     patching mlp_out at the same place, as the sweep does."""
-    prompts = prompts_of[id(gpt2_model)]
+    prompts = small_prompts[id(gpt2_model)]
     metric = LogitDiff(prompts)
     with hook_flags(gpt2_model, ["mlp_in"]), torch.no_grad():
         _, cache = gpt2_model.run_with_cache(prompts.clean_tokens)
@@ -293,11 +280,11 @@ def test_patch_hook_on_mlp_in_returns_a_new_tensor(gpt2_model, prompts_of):
     assert torch.allclose(mine, out, atol=ATOL) and torch.allclose(mine, sweep.values.flatten(), atol=ATOL)
 
 
-def test_attribution_on_new_components_equals_transformerlens_gradients(model, prompts_of):
+def test_attribution_on_new_components_equals_transformerlens_gradients(model, small_prompts):
     """Gradient × (clean − corrupted) per head at result and k_input, and per position at
     mlp_in, against TransformerLens' backward-hook gradient capture with the flags set by hand
     (at hook_mlp_in that capture sees the MLP branch only, as patching there does)."""
-    prompts = prompts_of[id(model)]
+    prompts = small_prompts[id(model)]
     metric = LogitDiff(prompts)
     facts = model_facts(model)
     summed = lambda logits: metric(logits).sum()  # noqa: E731 - prompts do not interact
@@ -322,8 +309,8 @@ def test_attribution_on_new_components_equals_transformerlens_gradients(model, p
     assert not any(flag_state(model).values())
 
 
-def test_flags_restored_after_sweeps_and_after_a_failing_one(model, prompts_of):
-    prompts = prompts_of[id(model)]
+def test_flags_restored_after_sweeps_and_after_a_failing_one(model, small_prompts):
+    prompts = small_prompts[id(model)]
     metric = LogitDiff(prompts)
     assert not any(flag_state(model).values())
     patch_sweep(model, prompts, metric, "result", by=("layer", "head"), fast=False, progress=False)
@@ -373,8 +360,8 @@ def test_hook_flags_restores_on_error_and_reports_conflicts(model):
             pass
 
 
-def test_grids_and_selection_of_new_components(llama_model, prompts_of):
-    prompts = prompts_of[id(llama_model)]
+def test_grids_and_selection_of_new_components(llama_model, small_prompts):
+    prompts = small_prompts[id(llama_model)]
     metric = LogitDiff(prompts)
     with pytest.raises(HookpatchError, match=r"'mlp_in' has no heads; a grid by head needs one of .*result, q_input"):
         patch_sweep(llama_model, prompts, metric, "mlp_in", by=("layer", "head"), fast=False, progress=False)

@@ -15,7 +15,7 @@ from hookpatch.metrics import AnswerLoss, AnswerProbability, KLToClean, LogitDif
 from hookpatch.model import COMPONENTS, model_facts
 from hookpatch.results import SweepResult
 from hookpatch.sweeps import ablation_sweep, patch_sweep
-from hookpatch.tasks import ioi_prompts, make_prompt_set, pronoun_prompts
+from hookpatch.tasks import ioi_prompts, pronoun_prompts
 
 ATOL = 1e-4
 RUNNERS = [False, None]  # the bridge's hooks, and the default (fast path where supported)
@@ -53,19 +53,6 @@ def loop_reference(model, prompts, metric, component, cells, direction="denoisin
         with torch.no_grad():
             out.append(metric(model.run_with_hooks(tokens, fwd_hooks=[(name, fn)])))
     return torch.stack(out)
-
-
-@pytest.fixture(scope="module")
-def small_prompts(gpt2_model, llama_model):
-    """Four short prompt pairs (6 tokens) per model, so reference loops stay cheap."""
-    def build(m):
-        return make_prompt_set(
-            m,
-            ["Mary went to the store", "John went to the park", "Amy went to the shops", "Dan went to the bank"],
-            ["John went to the store", "Mary went to the park", "Dan went to the shops", "Amy went to the bank"],
-            [(" she", " he"), (" he", " she"), (" she", " he"), (" he", " she")],
-        )
-    return {id(m): build(m) for m in (gpt2_model, llama_model)}
 
 
 def tl_reference(fn, model, prompts, metric, direction):

@@ -18,7 +18,7 @@ which kind of metric it has.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,36 +118,40 @@ class CellsJob:
         return require_metric_values(values, (len(self.cells), B)).detach().float().cpu()
 
 
-def _masks(context: SweepContext, component: str, cells: Sequence[Cell], B: int, P: int) -> list[Tensor]:
-    """Each cell's activation mask; cells with equal positions and heads share one."""
+def _per_cell(cells: Sequence[Cell], key: Callable[[Cell], Any], build: Callable[[Cell], Tensor]) -> list[Tensor]:
+    """``build(cell)`` for each cell, built once per distinct ``key(cell)`` (None: always built)."""
     memo: dict[Any, Tensor] = {}
     out = []
     for c in cells:
-        key = _key(c.positions, c.heads)
-        mask = memo.get(key) if key is not None else None
-        if mask is None:
-            pos = per_prompt_positions(c.positions, B, P, context.prompts)
-            mask = activation_mask(context.facts, component, pos, c.heads)
-            if key is not None:
-                memo[key] = mask
-        out.append(mask)
+        k = key(c)
+        value = memo.get(k) if k is not None else None
+        if value is None:
+            value = build(c)
+            if k is not None:
+                memo[k] = value
+        out.append(value)
     return out
+
+
+def _masks(context: SweepContext, component: str, cells: Sequence[Cell], B: int, P: int) -> list[Tensor]:
+    """Each cell's activation mask; cells with equal positions and heads share one."""
+    return _per_cell(
+        cells,
+        lambda c: _key(c.positions, c.heads),
+        lambda c: activation_mask(
+            context.facts, component, per_prompt_positions(c.positions, B, P, context.prompts), c.heads
+        ),
+    )
 
 
 def _first_positions(context: SweepContext, cells: Sequence[Cell], B: int, P: int) -> list[Tensor]:
     """Per cell and prompt, the first position it patches (``[batch]`` each), for planning;
     cells with equal positions share one."""
-    memo: dict[Any, Tensor] = {}
-    out = []
-    for c in cells:
-        key = _key(c.positions)
-        first = memo.get(key) if key is not None else None
-        if first is None:
-            first = first_positions(per_prompt_positions(c.positions, B, P, context.prompts), 1, B)
-            if key is not None:
-                memo[key] = first
-        out.append(first)
-    return out
+    return _per_cell(
+        cells,
+        lambda c: _key(c.positions),
+        lambda c: first_positions(per_prompt_positions(c.positions, B, P, context.prompts), 1, B),
+    )
 
 
 def _key(*selection: Any) -> Any:
