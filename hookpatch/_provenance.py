@@ -130,7 +130,8 @@ class Provenance:
 
     Attributes:
         kind: what the values are (:data:`ResultKind`).
-        method: ``"patch"``, ``"ablation"``, ``"attribution"``, ``"integrated_gradients"``,
+        method: ``"patch"``, ``"path_patch"``, ``"edge_patch"``, ``"ablation"``, ``"attribution"``,
+            ``"integrated_gradients"``,
             ``"dla"``, ``"dla_heads"``, ``"dla_neurons"``, ``"logit_lens"`` (or a name of one's
             own for results built by hand).
         metric: what the metric measured.
@@ -147,6 +148,11 @@ class Provenance:
         model: how the model was loaded (:class:`hookpatch.model._loading.LoadSpec`), if known.
         runner: ``"fast"`` (the direct block runner) or ``"bridge"`` (the bridge's hooks).
         grid: the grid swept (:class:`GridFacts`), for sweeps and attribution.
+        receivers: for path and edge patching, the receivers' labels (``"L9H9.q"``,
+            ``"logits"``); the senders are the grid.
+        semantics: path patching's ``"direct"`` (edges alone) or ``"ioi"`` (other heads frozen).
+        freeze_mlps: whether IOI-semantics path patching froze the MLPs.
+        receiver_positions: the positions receivers were patched at (``None``: all).
         hookpatch_version: the version that computed the values (``None``: not recorded, a
             file of format version 1).
     """
@@ -167,6 +173,10 @@ class Provenance:
     model: LoadSpec | None = None
     runner: str | None = None
     grid: GridFacts | None = None
+    receivers: tuple[str, ...] | None = None
+    semantics: str | None = None
+    freeze_mlps: bool | None = None
+    receiver_positions: tuple[int | str, ...] | None = None
     hookpatch_version: str | None = field(default_factory=_current_version)
 
     def __post_init__(self) -> None:
@@ -228,6 +238,8 @@ class Provenance:
             values["grid"] = GridFacts.from_dict(values["grid"])
         if values.get("model") is not None:
             values["model"] = LoadSpec.from_dict(values["model"])
+        for key in ("receivers", "receiver_positions"):
+            values[key] = _tuple(values.get(key))
         return cls(**values)
 
 

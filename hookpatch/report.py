@@ -163,6 +163,8 @@ def build_report(model: Any, model_name: str, task: str, n_prompts: int | None, 
         f"attribution vs activation patching over heads: Pearson {comparison.pearson.value:.3f}, "
         f"Spearman {comparison.spearman.value:.3f}"
     )
+    if task == "ioi":
+        _path_patching_section(report, model, prompts, metric, heads, progress)
     return report
 
 
@@ -194,3 +196,68 @@ def run_report(task: str, model_name: str, out: str | Path, n_prompts: int | Non
     report = build_report(model, model_name, task, n_prompts, progress=progress)
     Path(out).write_text(report.to_html(), encoding="utf-8")
     return report
+
+
+PATH_RECEIVERS = 3  # at most this many receiver heads for the path patching section
+PATH_MIN_SHARE = 0.1  # a receiver's DLA is at least this share of the top receiver's
+
+
+def path_receivers(dla: Any, k: int = PATH_RECEIVERS, min_share: float = PATH_MIN_SHARE) -> list[str]:
+    """The heads whose queries the path patching section patches: the top ``k`` heads by
+    positive mean DLA at the final position, in layers ≥ 1 (a layer-0 head reads only the
+    embeddings, so no head sends to it), dropping heads under ``min_share`` of the top one."""
+    mean = dla.mean()  # [layer, head]
+    ranked = sorted(
+        ((float(mean[i, j]), f"L{layer}{head}")
+         for i, layer in enumerate(dla.labels["layer"]) if int(layer) >= 1
+         for j, head in enumerate(dla.labels["head"]) if float(mean[i, j]) > 0),
+        key=lambda item: -item[0],
+    )[:k]
+    return [label for value, label in ranked if value >= min_share * ranked[0][0]]
+
+
+def path_patching_sentences(result: Any, k: int = 2) -> str:
+    """Two sentences from a path patching result: its top ``k`` senders by ``|mean effect|``
+    with paired CIs, and how many senders' CIs exclude 0."""
+    from hookpatch.views._paths import sender_labels, top_cells
+
+    eff = result.effects()
+    labels = sender_labels(result)
+    mean, low, high = (t.reshape(-1) for t in (eff.mean, eff.ci_low, eff.ci_high))
+    top = [f"{labels[i]} ({float(mean[i]):+.3g} [{float(low[i]):+.3g}, {float(high[i]):+.3g}])"
+           for i in top_cells(eff.mean, k).tolist()]
+    receivers = ", ".join(r.split(".")[0] for r in result.provenance.receivers)
+    positions = result.provenance.receiver_positions
+    where = f" at {', '.join(str(x) for x in positions)}" if positions else ""
+    excluding = int(((low > 0) | (high < 0)).sum())
+    return (
+        f"Through the queries of {receivers}{where}, the sender heads that move "
+        f"{result.provenance.metric.name} most are {' and '.join(top)} "
+        f"(mean change against the {eff.baseline} run, paired {eff.level:.0%} CI). "
+        f"{excluding} of {len(labels)} sender heads have an interval that excludes 0."
+    )
+
+
+def _path_patching_section(report: Report, model: Any, prompts: Any, metric: Any, dla: Any, progress: bool) -> None:
+    """"Path patching into the top heads' queries": which earlier heads change, at END, the
+    queries of the heads that write the answer (the IOI paper's name-mover analysis)."""
+    from hookpatch import views
+    from hookpatch.circuits import path_patch_sweep
+
+    title = "Path patching into the top heads' queries"
+    receivers = path_receivers(dla)
+    if not receivers:
+        report.add(title, "", "No head after layer 0 raises the logit difference directly, so no head's "
+                              "query has a sender to path-patch from.")
+        return
+    result = path_patch_sweep(model, prompts, metric, receivers, receiver_input="q", semantics="ioi",
+                              receiver_positions="END", progress=progress)
+    sentences = path_patching_sentences(result)
+    report.summary.append("path patching: " + sentences.split(". ")[0])
+    report.add(
+        title, _figure(views.path_patching_heatmap(result)) + f"<p>{html.escape(sentences)}</p>",
+        f"Receivers: the top heads by DLA at END in layers ≥ 1 ({', '.join(receivers)}). Each earlier head's "
+        "clean output is patched into the corrupted run with every other head frozen (IOI-paper path "
+        "patching); only the receivers' queries at END take the result. Effects are changes of the normalized "
+        "logit difference against the corrupted run (1 = the whole clean − corrupted gap).",
+    )

@@ -17,7 +17,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from hookpatch.metrics._base import Metric
-from hookpatch.model._facts import ModelFacts, component_info, hook_flags
+from hookpatch.model._facts import ModelFacts, component_info, hook_flags, hook_name, resid_entering
 from hookpatch.runners._protocol import CachedRun, Chunk, stacked_hooks
 
 
@@ -61,6 +61,73 @@ class BridgeRunner:
         with torch.no_grad(), hook_flags(self.model, [chunk.component]):
             logits = self.model.run_with_hooks(chunk.run.tokens.repeat(V, 1), fwd_hooks=list(hooks.items()))
             return metric(logits.reshape(V, B, P, -1))
+
+
+    def cache_for_edits(
+        self, runs: Mapping[str, Int[Tensor, "batch pos"]], metric: Metric, names: Sequence[str]
+    ) -> dict[str, CachedRun]:
+        """One ``run_with_cache`` per run keeping ``names``."""
+        out = {}
+        with torch.no_grad():
+            for run, tokens in runs.items():
+                logits, cache = self.model.run_with_cache(tokens, names_filter=list(names))
+                out[run] = CachedRun(tokens, cache, metric(logits))
+        return out
+
+    def run_edits(self, run: CachedRun, edits: Any, metric: Metric) -> Float[Tensor, "variant batch"]:
+        """One ``run_with_hooks`` over the stacked variants: each edited head's own copy of the
+        block input (``hook_q_input``/``hook_k_input``/``hook_v_input``, turned on for the
+        call), the MLP branch's input (``hook_mlp_in``) or the final residual stream gets
+        its new value; the metric on the full logits."""
+        B, P = run.tokens.shape
+        V = edits.n_variants
+        n_layers = self.model.cfg.n_layers
+        hooks = []
+        for site in edits.sites():
+            layer, kind = site
+            heads = edits.touched(site)
+            if not heads:
+                continue
+            if kind in ("q", "k", "v"):
+                hooks.append((hook_name(f"{kind}_input", layer), _per_head_edit(edits, site, heads)))
+            elif kind == "mlp":
+                hooks.append((hook_name("mlp_in", layer), _whole_edit(edits, site)))
+            else:
+                hooks.append((resid_entering(n_layers, n_layers), _whole_edit(edits, site)))
+        observe = [(hook_name(point, layer), _observer(edits, layer, point)) for layer, point in edits.observed()]
+        with torch.no_grad(), hook_flags(self.model, ["q_input", "mlp_in"]):
+            logits = self.model.run_with_hooks(run.tokens.repeat(V, 1), fwd_hooks=observe + hooks)
+            return metric(logits.reshape(V, B, P, -1))
+
+
+def _observer(edits: Any, layer: int, point: str) -> Any:
+    """A hook handing this forward's activation at ``point`` of block ``layer`` to the edits."""
+
+    def hook(act: Tensor, hook: Any) -> None:
+        edits.observe(layer, point, act)
+
+    return hook
+
+
+def _per_head_edit(edits: Any, site: tuple[int, str], heads: list[int]) -> Any:
+    """A hook on ``[rows, pos, head, d_model]`` per-head inputs: the edited heads' new inputs."""
+
+    def hook(act: Tensor, hook: Any) -> Tensor:
+        out = act.clone()
+        for h in heads:
+            out[:, :, h] = edits.edit(site, h, act[:, :, h])
+        return out
+
+    return hook
+
+
+def _whole_edit(edits: Any, site: tuple[int, str]) -> Any:
+    """A hook on a ``[rows, pos, d_model]`` input (an MLP's, or the final residual stream)."""
+
+    def hook(act: Tensor, hook: Any) -> Tensor:
+        return edits.edit(site, 0, act)
+
+    return hook
 
 
 def _activation_bytes(facts: ModelFacts, batch: int, n_pos: int, component: str | None = None) -> int:

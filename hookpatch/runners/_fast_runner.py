@@ -90,23 +90,7 @@ class FastRunner:
         stopping at the unembedding's input at the metric's reads (a linear metric reads it
         through its residual directions, never forming the ``d_vocab``-wide logits)."""
         fast = self.fast
-        names = fast_cache_names(component, layers, fast.n_layers, fast.rotary)
-        tokens = torch.cat(list(runs.values()))  # [n_runs * batch, pos]
-        B = next(iter(runs.values())).shape[0]
-        reads = metric.reads.to(tokens.device).repeat(len(runs), 1)  # [n_runs * batch, n_read]
-        store: dict[str, Tensor] = {}
-        with torch.no_grad():
-            resid = fast.embed(tokens)
-            first = hook_name("resid_pre", 0)
-            hooks = {n: partial(_keep, store) for n in names if n != first}
-            final = fast.run(resid, 0, hooks=hooks, read_pos=reads, unembed=False)  # [n_runs * batch, n_read, d_model]
-            store[first] = resid.detach()
-            out = {}
-            for i, (run, run_tokens) in enumerate(runs.items()):
-                rows = slice(i * B, (i + 1) * B)
-                cache = {name: act[rows] for name, act in store.items()}
-                out[run] = CachedRun(run_tokens, cache, metric.from_read_inputs(final[rows], self.model, fast.unembed))
-        return out
+        return self._cache(runs, metric, fast_cache_names(component, layers, fast.n_layers, fast.rotary))
 
     def bytes_per_variant(self, facts: ModelFacts, metric: Metric, component: str, batch: int, n_pos: int) -> int:
         """Activations of one variant's forward (with the per-head tensors ``component``'s hook
@@ -187,6 +171,146 @@ class FastRunner:
                 block[where] = fast.resume_block(layer, point, base, act[where])
             resid[rows] = block
         return resid
+
+
+    def cache_for_edits(
+        self, runs: Mapping[str, Int[Tensor, "batch pos"]], metric: Metric, names: Sequence[str]
+    ) -> dict[str, CachedRun]:
+        """All runs in one forward, caching ``names`` plus every block's residual stream, keys
+        and values (where edited rows join, and what their frozen positions contribute)."""
+        fast = self.fast
+        needed = list(names) + fast_cache_names("resid_pre", [], fast.n_layers, fast.rotary)
+        needed.append(resid_entering(fast.n_layers, fast.n_layers))
+        return self._cache(runs, metric, list(dict.fromkeys(needed)))
+
+    def run_edits(self, run: CachedRun, edits: Any, metric: Metric) -> Float[Tensor, "variant batch"]:
+        """Variant ``v``'s rows join at the first layer it edits and compute from the first
+        position it edits (or the first read, if earlier) on. An edited head's query, key or
+        value is recomputed from that head's own input alone (``ln1`` and its rows of the
+        projection), with no per-head copy of the residual stream for the other heads. What the
+        edits observe of this forward is the run's own value wherever a row is not computed."""
+        fast = self.fast
+        V = edits.n_variants
+        B = run.tokens.shape[0]
+        n = fast.n_layers
+        with torch.no_grad():
+            start = edits.start_layers(n)  # [V]
+            resid = torch.cat([run.cache[resid_entering(int(layer), n)] for layer in start.tolist()])
+            reads = metric.reads.to(resid.device)  # [B, n_read]
+            first = edits.first_positions().to(resid.device)  # [V, B]
+            active_from = torch.minimum(first, reads.min(-1).values).flatten()  # [V * B]
+            row_start = start.to(resid.device).repeat_interleave(B)  # [V * B]
+            first_layer = int(start.min())
+            hooks = self._edit_hooks(edits)
+            for layer, point in edits.observed():
+                own = run.cache[hook_name(point, layer)]  # [B, pos, ...]
+                if layer < first_layer:  # no row computes it: the run's own value
+                    edits.observe(layer, point, own.repeat(V, *([1] * (own.ndim - 1))))
+                else:
+                    hooks[hook_name(point, layer)] = partial(_observe, edits, layer, point, own, row_start, active_from)
+            final_edit = None
+            if (n, "logits") in edits.sites() and edits.touched((n, "logits")):
+                final_edit = partial(_edit_final, edits, (n, "logits"), reads.repeat(V, 1), run.tokens.shape[1])
+            final = fast.run(
+                resid, row_start, hooks=hooks, read_pos=reads.repeat(V, 1), active_from=active_from,
+                unembed=False, frozen_kv=frozen_kv_from_cache(run.cache, first_layer, self.model),
+                final_edit=final_edit,
+            )
+            return metric.from_read_inputs(final.view(V, B, *final.shape[1:]), self.model, fast.unembed)
+
+    def _edit_hooks(self, edits: Any) -> dict[str, Any]:
+        """FastForward hooks applying ``edits``: per edited layer, the block input is kept at
+        ``hook_resid_pre`` and the edited heads' q/k/v replaced right after the projections;
+        an MLP's input at ``hook_mlp_in`` (the final residual stream is edited by
+        ``final_edit``)."""
+        fast = self.fast
+        hooks: dict[str, Any] = {}
+        kept: dict[int, Tensor] = {}
+        for site in edits.sites():
+            layer, kind = site
+            heads = edits.touched(site)
+            if not heads:
+                continue
+            if kind in ("q", "k", "v"):
+                hooks[hook_name("resid_pre", layer)] = partial(_keep_input, kept, layer)
+                hooks[hook_name(kind, layer)] = partial(_edit_heads, fast, edits, site, heads, kept)
+            elif kind == "mlp":
+                hooks[hook_name("mlp_in", layer)] = partial(_edit_whole, edits, site)
+        return hooks
+
+    def _cache(
+        self, runs: Mapping[str, Int[Tensor, "batch pos"]], metric: Metric, names: list[str]
+    ) -> dict[str, CachedRun]:
+        """All runs in one forward from the embeddings, keeping ``names`` and stopping at the
+        unembedding's input at the metric's reads (a linear metric reads it through its
+        residual directions, never forming the ``d_vocab``-wide logits)."""
+        fast = self.fast
+        tokens = torch.cat(list(runs.values()))  # [n_runs * batch, pos]
+        B = next(iter(runs.values())).shape[0]
+        reads = metric.reads.to(tokens.device).repeat(len(runs), 1)  # [n_runs * batch, n_read]
+        store: dict[str, Tensor] = {}
+        with torch.no_grad():
+            resid = fast.embed(tokens)
+            first = hook_name("resid_pre", 0)
+            hooks = {n: partial(_keep, store) for n in names if n != first}
+            final = fast.run(resid, 0, hooks=hooks, read_pos=reads, unembed=False)  # [n_runs * batch, n_read, d_model]
+            store[first] = resid.detach()
+            out = {}
+            for i, (run, run_tokens) in enumerate(runs.items()):
+                rows = slice(i * B, (i + 1) * B)
+                cache = {name: act[rows] for name, act in store.items()}
+                out[run] = CachedRun(run_tokens, cache, metric.from_read_inputs(final[rows], self.model, fast.unembed))
+        return out
+
+
+def _keep_input(kept: dict[int, Tensor], layer: int, act: Tensor, hook: Any) -> None:
+    """Keep block ``layer``'s input (``hook_resid_pre``) for the edited heads' projections."""
+    kept[layer] = act
+
+
+def _edit_heads(
+    fast: FastForward, edits: Any, site: tuple[int, str], heads: list[int], kept: dict[int, Tensor],
+    act: Tensor, hook: Any,
+) -> Tensor:
+    """``attn.hook_q``/``hook_k``/``hook_v`` (``[rows, pos, head, d_head]``) with each edited
+    head's entry recomputed from its own edited input."""
+    layer, kind = site
+    x = kept[layer]  # [rows, pos, d_model]
+    out = act.clone()
+    for h in heads:
+        out[:, :, h] = fast.head_input_projection(layer, kind, h, edits.edit(site, h, x))
+    return out
+
+
+def _edit_whole(edits: Any, site: tuple[int, str], act: Tensor, hook: Any) -> Tensor:
+    """An MLP's input (``[rows, pos, d_model]``), edited."""
+    return edits.edit(site, 0, act)
+
+
+def _edit_final(
+    edits: Any, site: tuple[int, str], reads: Int[Tensor, "rows n_read"], n_pos: int,
+    x: Float[Tensor, "rows n_read d_model"],
+) -> Float[Tensor, "rows n_read d_model"]:
+    """The final residual stream at the reads, edited: the edits work on the position grid,
+    so the reads are placed in it (the other positions are never read)."""
+    grid = x.new_zeros(x.shape[0], n_pos, x.shape[-1])
+    index = reads.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+    grid.scatter_(1, index, x)
+    return edits.edit(site, 0, grid).gather(1, index)
+
+
+def _observe(
+    edits: Any, layer: int, point: str, own: Tensor, row_start: Int[Tensor, " rows"],
+    active_from: Int[Tensor, " rows"], act: Tensor, hook: Any,
+) -> None:
+    """Hand this forward's activation to the edits, with the run's own value (``own``,
+    ``[batch, pos, ...]``) where a row is not computed (it joins later, or the position is
+    before its first computed one)."""
+    V = act.shape[0] // own.shape[0]
+    columns = torch.arange(act.shape[1], device=act.device)
+    computed = (row_start <= layer).unsqueeze(-1) & (columns >= active_from.unsqueeze(-1))  # [rows, pos]
+    computed = computed.view(*computed.shape, *([1] * (act.ndim - 2)))
+    edits.observe(layer, point, torch.where(computed, act, own.repeat(V, *([1] * (own.ndim - 1)))))
 
 
 def _reaching_reads(

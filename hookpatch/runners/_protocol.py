@@ -91,6 +91,20 @@ class Runner(Protocol):
         ...
 
 
+    def cache_for_edits(
+        self, runs: Mapping[str, Int[Tensor, "batch pos"]], metric: Metric, names: Sequence[str]
+    ) -> dict[str, CachedRun]:
+        """Run each named token tensor unpatched: the metric, the activations ``names`` and
+        whatever :meth:`run_edits` reads from a run."""
+        ...
+
+    def run_edits(self, run: CachedRun, edits: Any, metric: Metric) -> Float[Tensor, "variant batch"]:
+        """The metric per variant and prompt after applying receiver ``edits`` (a
+        :class:`hookpatch.circuits._edits.ReceiverEdits`: what some heads', MLPs' or the
+        logits' inputs become, per variant) to ``run``."""
+        ...
+
+
 def stacked_hooks(
     component: str,
     layers: Sequence[int],

@@ -11,6 +11,7 @@ from hookpatch.views._dla import dla_bars, dla_heads_heatmap
 from hookpatch.views._heads import ranked_heads_bar
 from hookpatch.views._logit_lens import logit_lens_line
 from hookpatch.views._patching import patching_heatmap
+from hookpatch.views._paths import path_patching_bars, path_patching_heatmap
 
 __all__ = [
     "AttentionView",
@@ -22,6 +23,8 @@ __all__ = [
     "dla_heads_heatmap",
     "javascript",
     "logit_lens_line",
+    "path_patching_bars",
+    "path_patching_heatmap",
     "patching_heatmap",
     "ranked_heads_bar",
 ]

@@ -5,7 +5,7 @@ See :mod:`hookpatch.runners.fast` for what it is for and what it costs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -180,6 +180,21 @@ class FastForward:
             act = _block.attn_output(act, w, {}, None)  # [n, d_model]
         return _block.finish(resid, act, w, {}, None)
 
+    def head_input_projection(
+        self, layer: int, kind: str, head: int, x: Float[Tensor, "*rows d_model"]
+    ) -> Float[Tensor, "*rows d_head"]:
+        """What head ``head``'s ``kind`` projection (``"q"``, ``"k"`` or ``"v"``; a KV head for
+        k/v) makes of its own input ``x`` in block ``layer``: ``ln1(x)`` through that head's
+        rows of the projection, as ``attn.hook_q``/``hook_k``/``hook_v`` hold it (before q/k
+        norms and rotary). Lets a runner give one head its own input without materialising a
+        per-head copy of the residual stream for every head."""
+        w = self._weights.layers[layer]
+        proj = getattr(w, kind)
+        d = self.d_head
+        rows = slice(head * d, (head + 1) * d)
+        bias = None if proj.bias is None else proj.bias[rows]
+        return torch.nn.functional.linear(w.ln1(x), proj.weight[rows], bias)
+
     def head_output_is_linear(self, layer: int) -> bool:
         """True where block ``layer``'s ``hook_attn_out`` is the output projection of z itself
         (no post-attention norm after it), so a change of some heads' z moves it by those
@@ -216,6 +231,7 @@ class FastForward:
         active_from: Int[Tensor, " batch"] | None = None,
         frozen_kv: Sequence[tuple[Tensor, Tensor]] | None = None,
         unembed: bool = True,
+        final_edit: Callable[[Tensor], Tensor] | None = None,
     ) -> Float[Tensor, "batch pos d_vocab"] | Float[Tensor, "batch n_read d_vocab"]:
         """Logits from running blocks ``start..`` on ``resid``.
 
@@ -247,6 +263,9 @@ class FastForward:
             unembed: False returns :meth:`final_norm`'s output (``d_model`` wide) instead of
                 the logits, for a metric that reads the residual stream through directions
                 (apply :meth:`unembed` to get logits, soft cap included).
+            final_edit: applied to the final residual stream at ``read_pos``
+                (``[batch, n_read, d_model]`` in, the same out) before the final norm, for rows
+                joining after the last block too (needs ``read_pos``).
 
         Returns:
             ``[batch, pos, d_vocab]`` logits, or ``[batch, n_read, d_vocab]`` with ``read_pos``.
@@ -262,7 +281,7 @@ class FastForward:
             checks.check_start(start, self.n_layers)
             layout = lay.dense_layout(batch, n_pos, resid.device, self._rope)
             x: Tensor = resid.reshape(batch * n_pos, d_model)  # [n, d_model]
-            return self._run_blocks(x, layout, start, {}, None, hooks, read_pos, None, unembed)
+            return self._run_blocks(x, layout, start, {}, None, hooks, read_pos, None, unembed, final_edit)
         starts = checks.check_starts(start, batch, self.n_layers).to(resid.device)
         active_from = checks.check_active(active_from, read_pos, batch, n_pos).to(resid.device)
         first = int(starts.min())
@@ -271,7 +290,7 @@ class FastForward:
             int(layer): lay.packed_layout(active_from, n_pos, starts <= layer, self._rope)
             for layer in starts.unique().tolist()
         }
-        return self._run_blocks(None, None, first, joins, resid, hooks, read_pos, frozen_kv, unembed)
+        return self._run_blocks(None, None, first, joins, resid, hooks, read_pos, frozen_kv, unembed, final_edit)
 
     def _run_blocks(
         self,
@@ -284,6 +303,7 @@ class FastForward:
         read_pos: Tensor | None,
         known: Sequence[tuple[Tensor, Tensor]] | None,
         unembed: bool = True,
+        final_edit: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
         """Blocks ``first..`` then the final norm and (``unembed``) the unembedding, on ``x``
         packed by ``layout``; in per-row mode both start None and rows join from ``resid`` at
@@ -313,6 +333,10 @@ class FastForward:
         assert x is not None and layout is not None
         if reads is not None:
             x = x[read_rows.flatten()]  # [batch * n_read, d_model]
+        if final_edit is not None:
+            if read_pos is None:
+                raise HookpatchError("final_edit needs read_pos.")
+            x = final_edit(x.view(layout.batch, -1, x.shape[-1])).flatten(0, 1)
         out = self.final_norm(x)
         if unembed:
             out = self.unembed(out)

@@ -1,0 +1,248 @@
+"""Edits of receiver inputs, described as data, for a runner to apply in one stacked forward.
+
+Every edge or path intervention comes down to changing what some receivers read, per variant
+of the run: ``V`` variants of a ``B``-prompt run are stacked along the batch axis (``V * B``
+rows), and each receiver *site* — a layer's query, key or value inputs, its MLP input, or the
+final residual stream — gets a new input for some of its heads. Two kinds:
+
+* :class:`AddEdits` (exact edge patching): the input computed in this very forward, plus, for
+  each patched edge into the receiver, the sender's output in the source run minus its output
+  in this forward (``sum_s weight[v, s] * Δ_s``, at the variant's positions);
+* :class:`SetEdits` (the second run of IOI path patching): the input replaced by a value
+  recorded in another run, at the receiver positions.
+
+A runner asks :meth:`touched` which heads of a site change and :meth:`edit` for a head's new
+input given the site's current input ``x`` (the residual stream there, ``[V * B, pos,
+d_model]``); it never needs to know which kind of edit it applies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from hookpatch.circuits._graph import Node, Site
+from hookpatch.circuits._senders import attn_out_from_z, linear_heads
+from hookpatch.model._facts import hook_name
+
+
+class ReceiverEdits(Protocol):
+    """What a runner needs to apply receiver edits (see the module docstring)."""
+
+    n_variants: int
+
+    def sites(self) -> list[Site]:
+        """Every site some variant edits, in forward order."""
+        ...
+
+    def observed(self) -> list[tuple[int, str]]:
+        """Activations of the forward itself the edits depend on: ``(layer, "z")`` or
+        ``(layer, "mlp_out")``, to be passed to :meth:`observe` as they are computed."""
+        ...
+
+    def observe(self, layer: int, point: str, act: Tensor) -> None:
+        """This forward's activation at ``point`` of block ``layer``, ``[V * batch, pos, ...]``
+        (values of the target run wherever a runner did not compute it)."""
+        ...
+
+    def touched(self, site: Site) -> list[int]:
+        """The heads (query heads for q, KV heads for k/v; ``[0]`` for mlp/logits) edited at ``site``."""
+        ...
+
+    def edit(self, site: Site, head: int, x: Float[Tensor, "rows pos d_model"]) -> Float[Tensor, "rows pos d_model"]:
+        """Head ``head``'s new input at ``site`` given the current input ``x`` there."""
+        ...
+
+    def start_layers(self, n_layers: int) -> Int[Tensor, " variant"]:
+        """Per variant, the first layer whose input it edits (``n_layers`` for the logits alone)."""
+        ...
+
+    def first_positions(self) -> Int[Tensor, "variant batch"]:
+        """Per variant and prompt, the first position any edit touches (``pos`` if none)."""
+        ...
+
+
+def _first_true(mask: Bool[Tensor, "variant batch pos"]) -> Int[Tensor, "variant batch"]:
+    n_pos = mask.shape[-1]
+    return torch.where(mask.any(-1), mask.int().argmax(-1), n_pos)
+
+
+def _start_layers(weights: Mapping[Site, Tensor], n_variants: int, n_layers: int) -> Int[Tensor, " variant"]:
+    start = torch.full((n_variants,), n_layers, dtype=torch.long)
+    for (layer, _), w in weights.items():
+        used = w.reshape(n_variants, -1).ne(0).any(-1)  # [V]
+        start = torch.where(used, torch.minimum(start, torch.tensor(layer)), start)
+    return start
+
+
+@dataclass(frozen=True)
+class AddEdits:
+    """Exact edge patching of ``V`` edge sets.
+
+    Each receiver's input is its input in this very forward plus, for each patched edge into
+    it, the sender's output in the source run minus its output in this forward (``Δ_s``): with
+    every edge patched, every node reads what it read in the source run. A sender's output in
+    this forward is what the runner reports through :meth:`observe` (its z or MLP output, at
+    the points :meth:`observed` names) before any receiver after it is edited; the input's
+    never changes, so its difference is the two cached runs'.
+
+    Attributes:
+        model: the TransformerBridge (its ``W_O`` and post-attention norms make a head's output).
+        senders: the senders the weights index.
+        source, target: the cached source and target runs (hook name → ``[batch, ...]``).
+        weights: per site, ``[V, sender, head]``: 1 where the variant patches the edge from that
+            sender into that head's input (0 elsewhere; any real weight scales the edge).
+        pos_mask: ``[V, batch, pos]``, where each variant's edges are patched.
+    """
+
+    model: Any
+    senders: tuple[Node, ...]
+    source: Any  # a cache: hook name -> [batch, ...] (a dict or an ActivationCache)
+    target: Any
+    weights: Mapping[Site, Float[Tensor, "variant sender head"]]
+    pos_mask: Bool[Tensor, "variant batch pos"]
+    # sender index -> (the variants patching an edge from it, Δ_s for them [n, batch, pos, d_model])
+    _deltas: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for i, s in enumerate(self.senders):
+            if s.kind == "input":
+                name = hook_name("resid_pre", 0)
+                self._store(i, (self.source[name] - self.target[name]).unsqueeze(0))
+
+    @property
+    def n_variants(self) -> int:
+        return int(self.pos_mask.shape[0])
+
+    def sites(self) -> list[Site]:
+        return sorted(self.weights, key=_site_order)
+
+    def observed(self) -> list[tuple[int, str]]:
+        """The activations of this forward the senders' outputs are made of: ``(layer, "z")``
+        for heads, ``(layer, "mlp_out")`` for MLPs, in forward order."""
+        points = {(s.layer, "z" if s.kind == "head" else "mlp_out") for s in self.senders if s.kind != "input"}
+        return sorted(points, key=lambda p: (p[0], p[1] == "mlp_out"))
+
+    def observe(self, layer: int, point: str, act: Tensor) -> None:
+        """This forward's activation at ``point`` of block ``layer`` (``[V * batch, pos, ...]``):
+        the outputs of the senders there, as differences from the source run."""
+        V = self.n_variants
+        grid = act.reshape(V, -1, *act.shape[1:])  # [V, B, pos, ...]
+        for i, s in enumerate(self.senders):
+            if s.layer != layer or (s.kind == "head") != (point == "z") or s.kind == "input":
+                continue
+            rows = self._users(i)
+            current = grid[rows]
+            if s.kind == "mlp":
+                delta = self.source[hook_name("mlp_out", layer)].unsqueeze(0) - current
+            else:
+                assert s.head is not None
+                delta = head_delta(self.model, layer, current, self.source[hook_name("z", layer)], s.head)
+            self._store(i, delta, rows)
+
+    def _users(self, i: int) -> Int[Tensor, " n"]:
+        used = torch.zeros(self.n_variants, dtype=torch.bool)
+        for w in self.weights.values():
+            used |= w[:, i].ne(0).any(-1)
+        return used.nonzero().flatten()
+
+    def _store(self, i: int, delta: Tensor, rows: Tensor | None = None) -> None:
+        rows = self._users(i) if rows is None else rows
+        mask = self.pos_mask[rows].unsqueeze(-1).to(delta.device, delta.dtype)  # [n, B, pos, 1]
+        self._deltas[i] = (rows, delta * mask)
+
+    def touched(self, site: Site) -> list[int]:
+        w = self.weights.get(site)
+        return [] if w is None else w.ne(0).any(0).any(0).nonzero().flatten().tolist()
+
+    def edit(self, site: Site, head: int, x: Float[Tensor, "rows pos d_model"]) -> Float[Tensor, "rows pos d_model"]:
+        w = self.weights[site][:, :, head]  # [V, sender]
+        out = x.reshape(self.n_variants, -1, *x.shape[1:]).clone()  # [V, B, pos, d_model]
+        for i in w.ne(0).any(0).nonzero().flatten().tolist():
+            rows, delta = self._deltas[i]
+            scale = w[rows, i].to(out.device, out.dtype).view(-1, 1, 1, 1)
+            out[rows] += scale * delta.to(out.device, out.dtype)
+        return out.flatten(0, 1)
+
+    def start_layers(self, n_layers: int) -> Int[Tensor, " variant"]:
+        return _start_layers(self.weights, self.n_variants, n_layers)
+
+    def first_positions(self) -> Int[Tensor, "variant batch"]:
+        return _first_true(self.pos_mask)
+
+
+def head_delta(
+    model: Any,
+    layer: int,
+    z: Float[Tensor, "n batch pos head d_head"],
+    z_source: Float[Tensor, "batch pos head d_head"],
+    head: int,
+) -> Float[Tensor, "n batch pos d_model"]:
+    """How block ``layer``'s attention output moves when head ``head`` alone takes the source
+    run's z instead of ``z``: ``(z_source - z)[h] @ W_O[h]``, or through the post-attention
+    norm where the block has one."""
+    if linear_heads(model, layer):
+        dz = z_source[..., head, :] - z[..., head, :]  # [n, B, pos, d_head]
+        return dz @ model.blocks[layer].attn.W_O[head]
+    swapped = z.clone()
+    swapped[..., head, :] = z_source[..., head, :]
+    return attn_out_from_z(model, layer, swapped) - attn_out_from_z(model, layer, z)
+
+
+@dataclass(frozen=True)
+class SetEdits:
+    """Receiver inputs replaced by recorded values (the second run of IOI path patching).
+
+    Attributes:
+        values: per site, ``[V * batch, pos, d_model]``: the value each variant's receivers at
+            that site read instead (the residual stream recorded there in the first run).
+        heads: per site, ``[V, head]``: which heads' inputs are replaced.
+        pos_mask: ``[V, batch, pos]``, the receiver positions replaced.
+    """
+
+    values: Mapping[Site, Float[Tensor, "rows pos d_model"]]
+    heads: Mapping[Site, Bool[Tensor, "variant head"]]
+    pos_mask: Bool[Tensor, "variant batch pos"]
+
+    @property
+    def n_variants(self) -> int:
+        return int(self.pos_mask.shape[0])
+
+    def sites(self) -> list[Site]:
+        return sorted(self.heads, key=_site_order)
+
+    def observed(self) -> list[tuple[int, str]]:
+        return []
+
+    def observe(self, layer: int, point: str, act: Tensor) -> None:
+        raise AssertionError("SetEdits observe nothing")
+
+    def touched(self, site: Site) -> list[int]:
+        h = self.heads.get(site)
+        return [] if h is None else h.any(0).nonzero().flatten().tolist()
+
+    def edit(self, site: Site, head: int, x: Float[Tensor, "rows pos d_model"]) -> Float[Tensor, "rows pos d_model"]:
+        B = self.pos_mask.shape[1]
+        where = self.pos_mask & self.heads[site][:, head].view(-1, 1, 1)  # [V, B, pos]
+        where = where.flatten(0, 1).unsqueeze(-1).to(x.device)  # [V * B, pos, 1]
+        value = self.values[site].to(x.device, x.dtype)
+        assert value.shape[0] == self.n_variants * B
+        return torch.where(where, value, x)
+
+    def start_layers(self, n_layers: int) -> Int[Tensor, " variant"]:
+        return _start_layers(self.heads, self.n_variants, n_layers)
+
+    def first_positions(self) -> Int[Tensor, "variant batch"]:
+        return _first_true(self.pos_mask)
+
+
+_KIND_ORDER = {"q": 0, "k": 1, "v": 2, "mlp": 3, "logits": 4}
+
+
+def _site_order(site: Site) -> tuple[int, int]:
+    return site[0], _KIND_ORDER[site[1]]

@@ -1,0 +1,239 @@
+"""The circuit engine: many edge or path interventions per forward, as picklable jobs.
+
+A variant is one intervention on the target run: a set of edges patched exactly (``"direct"``
+semantics), or senders whose effect reaches some receivers with every other head frozen
+(``"ioi"`` semantics, as in the IOI paper). ``V`` variants of a ``B``-prompt run share one
+stacked forward, as in the sweep engine; a :class:`CircuitJob` names its variants by indices
+into the graph (no model, cache or closure), so it pickles, and an executor runs it against a
+:class:`CircuitContext`, which a worker owns. The runner turns the job's
+:mod:`~hookpatch.circuits._edits` into hooks of its own kind and never learns which semantics
+produced them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from hookpatch._checks import require_metric_values
+from hookpatch.circuits._edits import AddEdits, SetEdits
+from hookpatch.circuits._graph import Edge, Graph, Node, Receiver, Site
+from hookpatch.circuits._senders import frozen_run_inputs
+from hookpatch.errors import HookpatchError
+from hookpatch.metrics._base import Metric
+from hookpatch.runners import CachedRun, Runner
+from hookpatch.tasks._promptset import PromptSet
+
+Position = int | str | None  # a column, a position name of the prompt set, or every position
+
+
+@dataclass(frozen=True)
+class CircuitContext:
+    """What a worker owns to run circuit jobs: the model, its graph and runner, the prompt set,
+    the metric and the cached unpatched runs (``"clean"``, ``"corrupted"``)."""
+
+    model: Any
+    graph: Graph
+    prompts: PromptSet
+    metric: Metric
+    runner: Runner
+    runs: Mapping[str, CachedRun]
+
+
+@dataclass(frozen=True)
+class PathVariant:
+    """One intervention. ``"direct"``: the edges ``edges`` (indices into ``graph.edges``) are
+    patched. ``"ioi"``: the senders ``senders`` (indices into ``graph.senders``) reach the
+    receivers ``receivers`` (indices into ``graph.receivers``) with every other head frozen.
+    ``positions``: where the senders' writes are taken (None: every position)."""
+
+    edges: tuple[int, ...] = ()
+    senders: tuple[int, ...] = ()
+    receivers: tuple[int, ...] = ()
+    positions: Position = None
+
+
+@dataclass(frozen=True)
+class CircuitJob:
+    """Run ``variants`` (one stacked forward) on the cached run ``target``, with ``source`` the
+    other run.
+
+    Attributes:
+        semantics: ``"direct"`` (exact edge patching) or ``"ioi"`` (path patching through a
+            run with the other heads frozen).
+        target, source: the cached runs patched into and taken from.
+        variants: the interventions, in the order of the result's rows.
+        index: each variant's row in the whole call's ``[variant, batch]`` values.
+        receiver_positions: the positions receivers are patched at (None: all).
+        freeze_mlps: ``"ioi"`` only: freeze the MLPs in the first run too.
+    """
+
+    semantics: str
+    target: str
+    source: str
+    variants: tuple[PathVariant, ...]
+    index: tuple[int, ...]
+    receiver_positions: tuple[int | str, ...] | None = None
+    freeze_mlps: bool = False
+
+    def run(self, context: CircuitContext) -> Float[Tensor, "variant batch"]:
+        """The metric per variant and prompt, ``[len(variants), batch]`` (float32, on the CPU)."""
+        target, source = context.runs[self.target], context.runs[self.source]
+        B, P = target.tokens.shape
+        receivers = position_mask(self.receiver_positions, context.prompts, B, P)  # [B, pos]
+        senders = torch.stack([position_mask(_one(v.positions), context.prompts, B, P) for v in self.variants])
+        if self.semantics == "direct":
+            edits: Any = _add_edits(context, self.variants, target, source, senders & receivers)
+        else:
+            edits = _set_edits(context, self.variants, target, source, senders, receivers, self.freeze_mlps)
+        values = context.runner.run_edits(target, edits, context.metric)
+        return require_metric_values(values, (len(self.variants), B)).detach().float().cpu()
+
+
+def _one(position: Position) -> tuple[int | str, ...] | None:
+    return None if position is None else (position,)
+
+
+def site_of(receiver: Receiver) -> Site:
+    """The edit site of a receiver: ``(layer, input)``; the logits sit at ``n_layers``."""
+    return receiver.layer, receiver.input
+
+
+def _heads_at(graph: Graph, kind: str) -> int:
+    f = graph.facts
+    return f.n_heads if kind == "q" else f.n_kv_heads if kind in ("k", "v") else 1
+
+
+def _add_edits(
+    context: CircuitContext,
+    variants: Sequence[PathVariant],
+    target: CachedRun,
+    source: CachedRun,
+    pos_mask: Bool[Tensor, "variant batch pos"],
+) -> AddEdits:
+    graph = context.graph
+    edges = [[graph.edges[i] for i in v.edges] for v in variants]
+    senders = sorted({e.sender for es in edges for e in es})
+    where = {s: i for i, s in enumerate(senders)}
+    weights: dict[Site, Tensor] = {}
+    for v, es in enumerate(edges):
+        for e in es:
+            site = site_of(e.receiver)
+            w = weights.get(site)
+            if w is None:
+                w = weights[site] = torch.zeros(len(variants), len(senders), _heads_at(graph, e.receiver.input))
+            w[v, where[e.sender], e.receiver.head or 0] = 1
+    return AddEdits(context.model, tuple(senders), source.cache, target.cache, weights, pos_mask)
+
+
+def _set_edits(
+    context: CircuitContext,
+    variants: Sequence[PathVariant],
+    target: CachedRun,
+    source: CachedRun,
+    sender_mask: Bool[Tensor, "variant batch pos"],
+    receiver_mask: Bool[Tensor, "batch pos"],
+    freeze_mlps: bool,
+) -> SetEdits:
+    graph = context.graph
+    V = len(variants)
+    senders: list[list[Node]] = [[graph.senders[i] for i in v.senders] for v in variants]
+    receivers: list[list[Receiver]] = [[graph.receivers[i] for i in v.receivers] for v in variants]
+    heads: dict[Site, Tensor] = {}  # site -> [V, head]
+    for v, rs in enumerate(receivers):
+        for r in rs:
+            site = site_of(r)
+            h = heads.get(site)
+            if h is None:
+                h = heads[site] = torch.zeros(V, _heads_at(graph, r.input), dtype=torch.bool)
+            h[v, r.head or 0] = True
+    values = frozen_run_inputs(
+        context.model, senders, sender_mask, list(heads), target.cache, source.cache, freeze_mlps
+    )
+    return SetEdits(values, heads, receiver_mask.unsqueeze(0).expand(V, -1, -1))
+
+
+def position_mask(
+    positions: Sequence[int | str] | None, prompts: PromptSet, batch: int, n_pos: int
+) -> Bool[Tensor, "batch pos"]:
+    """Per prompt, the columns ``positions`` (indices, or names of the prompt set resolved per
+    prompt) select; every column for None."""
+    if positions is None:
+        return torch.ones(batch, n_pos, dtype=torch.bool)
+    mask = torch.zeros(batch, n_pos, dtype=torch.bool)
+    rows = torch.arange(batch)
+    for p in positions:
+        col = prompts.position(p).cpu() if isinstance(p, str) else torch.full((batch,), int(p))
+        mask[rows, col % n_pos] = True
+    return mask
+
+
+def check_positions(positions: Any, prompts: PromptSet, n_pos: int, arg: str) -> tuple[int | str, ...] | None:
+    """``positions`` as a tuple of columns and names, checked (None stays None)."""
+    if positions is None:
+        return None
+    items = [positions] if isinstance(positions, int | str) else list(positions)
+    out: list[int | str] = []
+    for p in items:
+        if isinstance(p, str):
+            prompts.position(p)  # raises naming the known positions
+            out.append(p)
+        elif isinstance(p, int) and not isinstance(p, bool) and -n_pos <= p < n_pos:
+            out.append(p % n_pos)
+        else:
+            raise HookpatchError(
+                f"{arg}={positions!r}: expected None (every position), a column index in "
+                f"[-{n_pos}, {n_pos}) or a position name of the prompt set ({sorted(prompts.positions)}), "
+                "or a list of them."
+            )
+    if not out:
+        raise HookpatchError(f"{arg}=[] selects no position; pass None for every position.")
+    return tuple(dict.fromkeys(out))
+
+
+def plan_jobs(
+    semantics: str,
+    target: str,
+    source: str,
+    variants: Sequence[PathVariant],
+    size: int,
+    *,
+    receiver_positions: tuple[int | str, ...] | None,
+    freeze_mlps: bool,
+) -> list[CircuitJob]:
+    """The variants cut into jobs of at most ``size``, in order."""
+    size = max(1, size)
+    return [
+        CircuitJob(
+            semantics, target, source, tuple(variants[i : i + size]), tuple(range(i, min(i + size, len(variants)))),
+            receiver_positions=receiver_positions, freeze_mlps=freeze_mlps,
+        )
+        for i in range(0, len(variants), size)
+    ]
+
+
+def run_jobs(
+    context: CircuitContext, jobs: Sequence[CircuitJob], executor: Any, *, progress: bool, desc: str
+) -> Float[Tensor, "variant batch"]:
+    """The metric per variant and prompt: ``jobs`` run by ``executor``, gathered in order."""
+    results = executor.run(jobs, context, progress=progress, desc=desc)
+    if len(results) != len(jobs):
+        raise HookpatchError(
+            f"executor= returned {len(results)} results for {len(jobs)} jobs; an executor must return "
+            "one result per job, in the jobs' order."
+        )
+    n = sum(len(job.variants) for job in jobs)
+    out = torch.empty(n, len(context.prompts))
+    for job, values in zip(jobs, results, strict=True):
+        out[torch.tensor(job.index, dtype=torch.long)] = values
+    return out
+
+
+def edge_indices(graph: Graph, edges: Sequence[Edge]) -> tuple[int, ...]:
+    """The indices of ``edges`` in ``graph.edges``."""
+    return tuple(graph.index(e) for e in edges)
