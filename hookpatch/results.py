@@ -184,7 +184,7 @@ class SweepResult:
     def cell_label(self, index: tuple[int, ...]) -> str:
         """A readable label of one cell, e.g. ``"L9H7"`` or ``"L3 @ 5: friend"``."""
         parts = dict(zip(self.axes, index, strict=True))
-        text = f"L{parts['layer']}" if "layer" in parts else ""
+        text = f"L{self.labels['layer'][parts['layer']]}" if "layer" in parts else ""
         if "head" in parts:
             text += self.labels["head"][parts["head"]]
         if "pos" in parts:

@@ -367,3 +367,12 @@ def test_kv_heads_of_a_model_without_grouping_are_plain_heads(gpt2_model, small_
     prompts = small_prompts[id(gpt2_model)]
     result = patch_sweep(gpt2_model, prompts, LogitDiff(prompts), "k", by=("layer", "head"), progress=False)
     assert result.labels["head"] == ("H0", "H1", "H2", "H3") and result.provenance.grid.kv_head_feeds is None
+
+
+def test_cell_labels_name_the_layer_not_its_index(gpt2_model, small_prompts):
+    """A grid restricted to layer 1 labels its cells L1..., not by their row in the grid."""
+    prompts = small_prompts[id(gpt2_model)]
+    result = patch_sweep(gpt2_model, prompts, LogitDiff(prompts), "z", by=("layer", "head"), layers=[1],
+                         progress=False)
+    assert result.cell_label((0, 2)) == "L1H2"
+    assert result.to_dataframe(ci=False)["label"].iloc[0] == "L1H0"
