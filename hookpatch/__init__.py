@@ -1,7 +1,7 @@
 """hookpatch: causal experiments on transformer language models, on TransformerLens 4.
 
-Data flow: prompt set → model run and cache → metric → hooks → sweeps / readouts /
-attribution → results with labels → views → report.
+Data flow: prompt set → model run and cache → metric → hooks → sweeps / paths and edges
+(circuits) / readouts / attribution → results with labels → views → report.
 """
 
 from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
