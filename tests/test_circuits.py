@@ -134,6 +134,24 @@ def test_edge_patching_changes_the_metric(gpt2_variant_model):
     assert (res.values - res.corrupted).abs().max() > 1e-2
 
 
+def test_sweeps_starting_with_head_inputs_equal_a_hook_loop(circuit_model):
+    """Every variant's first edits are q/k/v inputs of one block (the fast path then runs only
+    the edited heads' attention there): key and value inputs of KV heads, at named positions."""
+    model, prompts = circuit_model, prompts_for(circuit_model)
+    metric = LogitDiff(prompts)
+    g = graph(model)
+    kv = "KV" if g.facts.grouped_query else "H"
+    receivers = [f"L1{kv}1.k", f"L1{kv}0.v", "L1H2.q"]
+    res = path_patch_sweep(model, prompts, metric, receivers, by=("sender",), receiver_positions=["NAME", "END"],
+                           progress=False)
+    columns = torch.stack([prompts.position("NAME"), prompts.position("END")], -1)
+    for sender, values in zip(res.labels["sender"], res.values, strict=True):
+        edges = [f"{sender}->{r}" for r in receivers]
+        ref = ref_edge_patch(model, prompts.corrupted_tokens, prompts.clean_tokens, edges, metric,
+                             positions=columns, recompute_senders=True)
+        torch.testing.assert_close(values, ref, atol=TOL, rtol=0, msg=sender)
+
+
 @pytest.mark.parametrize("component", ["q", "k", "v"])
 @pytest.mark.parametrize("fast", [True, False])
 def test_direct_path_sweep_equals_transformerlens(gpt2_variant_model, component, fast):

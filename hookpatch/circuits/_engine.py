@@ -152,8 +152,10 @@ def _set_edits(
             if h is None:
                 h = heads[site] = torch.zeros(V, _heads_at(graph, r.input), dtype=torch.bool)
             h[v, r.head or 0] = True
+    # with every other head frozen the first run is position-wise: a sender's write at a position
+    # reaches the residual stream there only, so only the receiver positions need it
     values = frozen_run_inputs(
-        context.model, senders, sender_mask, list(heads), target.cache, source.cache, freeze_mlps
+        context.model, senders, sender_mask & receiver_mask, list(heads), target.cache, source.cache, freeze_mlps
     )
     return SetEdits(values, heads, receiver_mask.unsqueeze(0).expand(V, -1, -1))
 

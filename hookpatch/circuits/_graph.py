@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any, Literal
 
 from hookpatch.errors import HookpatchError
@@ -384,7 +384,13 @@ def graph(model: Any) -> Graph:
             "attention and then the MLP to one residual stream (GPT-2, Llama, Qwen, Mistral, Gemma 2 "
             "style); use node-level sweeps (patch_sweep) for this model."
         )
-    return Graph(facts, has_mlps=not getattr(model.cfg, "attn_only", False))
+    return _graph(facts, not getattr(model.cfg, "attn_only", False))
+
+
+@lru_cache(maxsize=32)
+def _graph(facts: ModelFacts, has_mlps: bool) -> Graph:
+    """One graph per model shape, so its edge list and index are built once."""
+    return Graph(facts, has_mlps=has_mlps)
 
 
 def as_graph(model: Any, graph_: Graph | None = None) -> Graph:

@@ -58,17 +58,21 @@ def head_change(
     layer: int,
     target: Any,  # caches: hook name -> [batch, ...] (a dict or an ActivationCache)
     source: Any,
-    heads: Float[Tensor, "*lead head"],
-) -> Float[Tensor, "*lead batch pos d_model"]:
-    """How block ``layer``'s attention output moves when the heads weighted 1 in ``heads``
-    (a mask per leading index, broadcast over batch and positions) take the source run's z."""
+    heads: Float[Tensor, "variant head"],
+) -> Float[Tensor, "variant batch pos d_model"]:
+    """How block ``layer``'s attention output moves, per variant, when the heads weighted 1 in
+    ``heads`` take the source run's z."""
     name = hook_name("z", layer)
     z_t, z_s = target[name], source[name]  # [B, pos, head, d_head]
-    w = heads.to(z_t.dtype)[..., None, None, :, None]  # [*lead, 1, 1, head, 1]
-    dz = (z_s - z_t) * w  # [*lead, B, pos, head, d_head]
-    if linear_heads(model, layer):
-        return torch.einsum("...hd,hdm->...m", dz, model.blocks[layer].attn.W_O)
-    return attn_out_from_z(model, layer, z_t + dz) - target[hook_name("attn_out", layer)]
+    if linear_heads(model, layer):  # the heads' own shares of W_O, one head at a time
+        W_O = model.blocks[layer].attn.W_O  # [head, d_head, d_model]
+        out = z_t.new_zeros(heads.shape[0], *z_t.shape[:2], W_O.shape[-1])
+        for h in heads.ne(0).any(0).nonzero().flatten().tolist():
+            write = (z_s[:, :, h] - z_t[:, :, h]) @ W_O[h]  # [B, pos, d_model]
+            out += heads[:, h].to(out.dtype).view(-1, 1, 1, 1) * write
+        return out
+    w = heads.to(z_t.dtype)[:, None, None, :, None]  # [V, 1, 1, head, 1]
+    return attn_out_from_z(model, layer, z_t + (z_s - z_t) * w) - target[hook_name("attn_out", layer)]
 
 
 def mlp_out(model: Any, layer: int, mid: Float[Tensor, "*rows d_model"]) -> Float[Tensor, "*rows d_model"]:

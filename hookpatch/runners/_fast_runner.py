@@ -187,49 +187,118 @@ class FastRunner:
         """Variant ``v``'s rows join at the first layer it edits and compute from the first
         position it edits (or the first read, if earlier) on. An edited head's query, key or
         value is recomputed from that head's own input alone (``ln1`` and its rows of the
-        projection), with no per-head copy of the residual stream for the other heads. What the
-        edits observe of this forward is the run's own value wherever a row is not computed."""
+        projection), with no per-head copy of the residual stream for the other heads; where
+        every variant starts with such edits in one block, only the edited heads' attention
+        runs there (:meth:`_first_block_by_heads`). What the edits observe of this forward is
+        the run's own value wherever a row is not computed."""
         fast = self.fast
         V = edits.n_variants
         B = run.tokens.shape[0]
         n = fast.n_layers
         with torch.no_grad():
             start = edits.start_layers(n)  # [V]
-            resid = torch.cat([run.cache[resid_entering(int(layer), n)] for layer in start.tolist()])
-            reads = metric.reads.to(resid.device)  # [B, n_read]
-            first = edits.first_positions().to(resid.device)  # [V, B]
+            reads = metric.reads.to(run.tokens.device)  # [B, n_read]
+            first = edits.first_positions().to(reads.device)  # [V, B]
             active_from = torch.minimum(first, reads.min(-1).values).flatten()  # [V * B]
+            for layer, point in edits.observed():
+                if layer < int(start.min()):  # no row computes it: the run's own value
+                    own = run.cache[hook_name(point, layer)]  # [B, pos, ...]
+                    edits.observe(layer, point, own.repeat(V, *([1] * (own.ndim - 1))))
+            resid, done = None, int(start.min()) - 1  # done: blocks no row computes again
+            if bool((start == start[0]).all()) and int(start[0]) < n:
+                resid = self._first_block_by_heads(run, edits, int(start[0]), reads, active_from)
+                if resid is not None:
+                    done, start = int(start[0]), start + 1
+            if resid is None:
+                resid = torch.cat([run.cache[resid_entering(int(layer), n)] for layer in start.tolist()])
             row_start = start.to(resid.device).repeat_interleave(B)  # [V * B]
             first_layer = int(start.min())
-            hooks = self._edit_hooks(edits)
+            hooks = self._edit_hooks(edits, after=done)
             for layer, point in edits.observed():
-                own = run.cache[hook_name(point, layer)]  # [B, pos, ...]
-                if layer < first_layer:  # no row computes it: the run's own value
-                    edits.observe(layer, point, own.repeat(V, *([1] * (own.ndim - 1))))
-                else:
+                if layer > done:  # the others are observed above or by _first_block_by_heads
+                    own = run.cache[hook_name(point, layer)]  # [B, pos, ...]
                     hooks[hook_name(point, layer)] = partial(_observe, edits, layer, point, own, row_start, active_from)
             final_edit = None
             if (n, "logits") in edits.sites() and edits.touched((n, "logits")):
                 final_edit = partial(_edit_final, edits, (n, "logits"), reads.repeat(V, 1), run.tokens.shape[1])
             final = fast.run(
                 resid, row_start, hooks=hooks, read_pos=reads.repeat(V, 1), active_from=active_from,
-                unembed=False, frozen_kv=frozen_kv_from_cache(run.cache, first_layer, self.model),
-                final_edit=final_edit,
+                unembed=False, frozen_kv=frozen_kv_from_cache(run.cache, min(first_layer, n), self.model)
+                if first_layer < n else [], final_edit=final_edit,
             )
             return metric.from_read_inputs(final.view(V, B, *final.shape[1:]), self.model, fast.unembed)
 
-    def _edit_hooks(self, edits: Any) -> dict[str, Any]:
-        """FastForward hooks applying ``edits``: per edited layer, the block input is kept at
-        ``hook_resid_pre`` and the edited heads' q/k/v replaced right after the projections;
-        an MLP's input at ``hook_mlp_in`` (the final residual stream is edited by
-        ``final_edit``)."""
+    def _first_block_by_heads(
+        self, run: CachedRun, edits: Any, layer: int, reads: Int[Tensor, "batch n_read"],
+        active_from: Int[Tensor, " rows"],
+    ) -> Float[Tensor, "rows pos d_model"] | None:
+        """The residual stream entering block ``layer + 1`` when every variant's first edits are
+        of q/k/v inputs in block ``layer``: only the heads whose query, key or value changes
+        run their attention; the block's output moves by their share of the output projection
+        (or through the post-attention norm), and the MLP runs at the positions that change and
+        that the metric can see. None where this does not apply (an MLP input edited in the
+        same block, an MLP output observed there, or queries normed across heads)."""
+        fast, n = self.fast, self.fast.n_layers
+        sites = [site for site in edits.sites() if site[0] == layer and edits.touched(site)]
+        observed = [point for at, point in edits.observed() if at == layer]
+        if any(kind not in ("q", "k", "v") for _, kind in sites) or "mlp_out" in observed:
+            return None
+        if not fast.heads_z_supported(layer):
+            return None
+        V = edits.n_variants
+        B, P = run.tokens.shape
+        group = fast.n_heads // fast.n_kv_heads
+        touched = {kind: set(edits.touched((layer, kind))) if (layer, kind) in sites else set() for kind in "qkv"}
+        heads = sorted(touched["q"] | {h for g in touched["k"] | touched["v"] for h in range(g * group, (g + 1) * group)})
+        x = run.cache[hook_name("resid_pre", layer)].repeat(V, 1, 1)  # [V * B, pos, d_model]
+        keys = run.cache[attention_key(layer, fast.rotary)]  # [B, pos, kv_head, d_head]: what attention uses
+        values = run.cache[hook_name("v", layer)]
+
+        def projected(kind: str, head: int) -> Tensor:
+            own = edits.edit((layer, kind), head, x) if head in touched[kind] else x
+            return fast.head_input_projection(layer, kind, head, own)
+
+        def kv(kind: str, cached: Tensor, h: int) -> Tensor:
+            g = h // group
+            return projected(kind, g) if g in touched[kind] else cached[:, :, g].repeat(V, 1, 1)
+
+        q = torch.stack([projected("q", h) for h in heads], 2)  # [V * B, pos, n, d_head]
+        k = torch.stack([kv("k", keys, h) for h in heads], 2)
+        v = torch.stack([kv("v", values, h) for h in heads], 2)
+        ready = torch.tensor([h // group not in touched["k"] for h in heads], device=q.device)
+        z_new = fast.heads_z(layer, q, k, v, k_ready=ready)  # [V * B, pos, n, d_head]
+        z_own = run.cache[hook_name("z", layer)]  # [B, pos, head, d_head]
+        z = z_own.repeat(V, 1, 1, 1)
+        z[:, :, heads] = z_new
+        if any(at == layer for at, _ in edits.observed()):
+            edits.observe(layer, "z", z)
+        # the positions that change (from the first edited one) and that a read can see
+        seen = _reaching_reads(reads, B, P, last=layer == n - 1).repeat(V, 1)  # [V * B, pos]
+        where = seen & (torch.arange(P, device=seen.device) >= active_from.unsqueeze(-1))
+        resid = run.cache[resid_entering(layer + 1, n)].repeat(V, 1, 1)  # [V * B, pos, d_model]
+        if fast.head_output_is_linear(layer):
+            changed = torch.zeros(z.shape[2], dtype=torch.bool, device=z.device)
+            changed[heads] = True
+            delta = (z - z_own.repeat(V, 1, 1, 1))[where]  # [m, head, d_head]
+            attn_out = run.cache[hook_name("attn_out", layer)].repeat(V, 1, 1)[where]
+            attn_out = attn_out + fast.head_output_delta(layer, delta, changed.expand(delta.shape[0], -1))
+        else:
+            attn_out = fast.attention_output(layer, z[where])
+        resid[where] = fast.resume_block(layer, "hook_attn_out", x[where], attn_out)
+        return resid
+
+    def _edit_hooks(self, edits: Any, after: int = -1) -> dict[str, Any]:
+        """FastForward hooks applying ``edits`` in blocks after ``after``: per edited layer,
+        the block input is kept at ``hook_resid_pre`` and the edited heads' q/k/v replaced
+        right after the projections; an MLP's input at ``hook_mlp_in`` (the final residual
+        stream is edited by ``final_edit``)."""
         fast = self.fast
         hooks: dict[str, Any] = {}
         kept: dict[int, Tensor] = {}
         for site in edits.sites():
             layer, kind = site
             heads = edits.touched(site)
-            if not heads:
+            if not heads or layer <= after:
                 continue
             if kind in ("q", "k", "v"):
                 hooks[hook_name("resid_pre", layer)] = partial(_keep_input, kept, layer)

@@ -18,6 +18,7 @@ from hookpatch.runners.fast import _block
 from hookpatch.runners.fast import _checks as checks
 from hookpatch.runners.fast import _layout as lay
 from hookpatch.runners.fast._layout import NO_HOOKS, Bound, FastHook, HookFn, Layout
+from hookpatch.runners.fast import _ops as ops
 from hookpatch.runners.fast._ops import soft_cap
 from hookpatch.runners.fast._variants import variant_of
 from hookpatch.runners.fast._weights import ModelWeights, rope_table
@@ -194,6 +195,51 @@ class FastForward:
         rows = slice(head * d, (head + 1) * d)
         bias = None if proj.bias is None else proj.bias[rows]
         return torch.nn.functional.linear(w.ln1(x), proj.weight[rows], bias)
+
+    def heads_z(
+        self,
+        layer: int,
+        q: Float[Tensor, "rows pos head d_head"],
+        k: Float[Tensor, "rows pos head d_head"],
+        v: Float[Tensor, "rows pos head d_head"],
+        *,
+        k_ready: Bool[Tensor, " head"] | None = None,
+    ) -> Float[Tensor, "rows pos head d_head"]:
+        """z of some heads of block ``layer`` over positions ``0..pos-1`` (causal, with the
+        layer's window, scale and soft cap), from their queries and their own copies of keys
+        and values: ``q`` and ``k`` as ``attn.hook_q``/``hook_k`` hold them (before q/k norms
+        and rotary), except the heads marked in ``k_ready``, whose keys are already what
+        attention uses (``attention_key``: normed and rotated). For a sweep that changes only a
+        few heads' inputs in its first block, instead of the whole block's attention."""
+        w = self._weights.layers[layer]
+        if w.qk_norm_flat:
+            raise HookpatchError("heads_z: this variant normalizes all heads' queries together; run the block.")
+        rows, n_pos, n, d = q.shape
+        positions = torch.arange(n_pos, device=q.device).repeat(rows)  # [rows * pos]
+        q, k_raw = q, k
+        if w.q_norm is not None and w.k_norm is not None:
+            q, k_raw = w.q_norm(q), w.k_norm(k_raw)
+        rope = self._rope(positions)
+        if rope is not None:
+            cos, sin = rope[w.rope_table]
+            q = ops.apply_rotary(q.reshape(-1, n, d), cos, sin).view(rows, n_pos, n, d)
+            k_raw = ops.apply_rotary(k_raw.reshape(-1, n, d), cos, sin).view(rows, n_pos, n, d)
+        if k_ready is not None:
+            k_raw = torch.where(k_ready.view(1, 1, -1, 1), k, k_raw)
+        mask = ops.causal_mask(torch.arange(n_pos, device=q.device), n_pos, w.window)
+        scores = ops.attention_scores(q, k_raw, mask, w.scale, w.softcap)  # [rows, head, pos, key_pos]
+        pattern = ops.attention_pattern(scores, float32_softmax=w.float32_softmax)
+        return ops.mix_values(pattern, v)
+
+    def heads_z_supported(self, layer: int) -> bool:
+        """Whether :meth:`heads_z` can run some of block ``layer``'s heads alone (not where
+        queries and keys are normalized across all heads together)."""
+        return not self._weights.layers[layer].qk_norm_flat
+
+    def attention_output(self, layer: int, z: Float[Tensor, "*rows head d_head"]) -> Float[Tensor, "*rows d_model"]:
+        """Block ``layer``'s ``hook_attn_out`` from the z of every head (output projection,
+        then the post-attention norm where the variant has one)."""
+        return _block.attn_output(z, self._weights.layers[layer], {}, None)
 
     def head_output_is_linear(self, layer: int) -> bool:
         """True where block ``layer``'s ``hook_attn_out`` is the output projection of z itself
