@@ -20,6 +20,7 @@ from transformer_lens import patching as tl_patching
 from hookpatch import LogitDiff, Normalized
 from hookpatch.circuits import Edge, Graph, edge_patch, graph, path_patch_sweep
 from hookpatch.circuits._engine import CircuitJob, PathVariant
+from hookpatch.circuits._graph import sends_to
 from hookpatch.errors import HookpatchError
 from hookpatch.tasks import pronoun_prompts
 
@@ -69,6 +70,10 @@ def test_graph_of_gpt2_and_gqa(gpt2_model, llama_model):
     assert gq.query_heads("L1KV1.k") == (2, 3) and gq.query_heads("L1H2.q") == (2,)
     assert [r.label for r in gq.receivers_of("L1H3")] == ["L1H3.q", "L1KV1.k", "L1KV1.v"]
     assert pickle.loads(pickle.dumps(gq)).edges == gq.edges
+    assert gq.n_edges == len(gq.edges)
+    assert all(gq.edge_at(i) == e and gq.index(e) == i for i, e in enumerate(gq.edges))
+    assert all(sends_to(e.sender, e.receiver) for e in gq.edges)
+    assert len(gq.edges) == sum(sends_to(s, r) for s in gq.senders for r in gq.receivers)
 
 
 @pytest.mark.parametrize(

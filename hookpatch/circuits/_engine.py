@@ -117,7 +117,7 @@ def _add_edits(
     pos_mask: Bool[Tensor, "variant batch pos"],
 ) -> AddEdits:
     graph = context.graph
-    edges = [[graph.edges[i] for i in v.edges] for v in variants]
+    edges = [[graph.edge_at(i) for i in v.edges] for v in variants]
     senders = sorted({e.sender for es in edges for e in es})
     where = {s: i for i, s in enumerate(senders)}
     weights: dict[Site, Tensor] = {}

@@ -22,6 +22,7 @@ after the residual sum, do not decompose this way, and the graph refuses them.
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -151,19 +152,52 @@ class Graph:
     @cached_property
     def edges(self) -> tuple[Edge, ...]:
         """Every edge, grouped by receiver (in :attr:`receivers` order), senders in order."""
-        return tuple(Edge(s, r) for r in self.receivers for s in self.senders if sends_to(s, r))
+        return tuple(Edge(s, r) for r, start, count in self._blocks for s in self.senders[:count])
+
+    @cached_property
+    def _blocks(self) -> tuple[tuple[Receiver, int, int], ...]:
+        """Per receiver, the index of its first edge and how many senders it reads: senders
+        are in residual-stream order, so a receiver reads a prefix of them."""
+        per_layer = self.facts.n_heads + (1 if self.has_mlps else 0)  # senders per layer
+        out, start = [], 0
+        for r in self.receivers:
+            if r.input == "logits":
+                count = len(self.senders)
+            else:  # the input, the earlier layers, and for an MLP its own layer's heads
+                count = 1 + r.layer * per_layer + (self.facts.n_heads if r.input == "mlp" else 0)
+            out.append((r, start, count))
+            start += count
+        return tuple(out)
+
+    @cached_property
+    def _block_starts(self) -> list[int]:
+        return [start for _, start, _ in self._blocks]
+
+    @cached_property
+    def _starts(self) -> dict[Receiver, int]:
+        return {r: start for r, start, _ in self._blocks}
+
+    @cached_property
+    def _sender_index(self) -> dict[Node, int]:
+        return {s: i for i, s in enumerate(self.senders)}
 
     @property
     def n_edges(self) -> int:
-        return len(self.edges)
-
-    @cached_property
-    def _edge_index(self) -> dict[Edge, int]:
-        return {e: i for i, e in enumerate(self.edges)}
+        _, start, count = self._blocks[-1]
+        return start + count
 
     def index(self, edge: Edge | str) -> int:
         """The position of ``edge`` in :attr:`edges`."""
-        return self._edge_index[self.edge(edge)]
+        e = self.edge(edge)
+        return self._starts[e.receiver] + self._sender_index[e.sender]
+
+    def edge_at(self, index: int) -> Edge:
+        """``edges[index]``, without building the list of every edge."""
+        i = bisect.bisect_right(self._block_starts, index) - 1
+        r, start, count = self._blocks[max(i, 0)]
+        if not 0 <= index - start < count:
+            raise HookpatchError(f"edge index {index} is outside 0..{self.n_edges - 1}.")
+        return Edge(self.senders[index - start], r)
 
     def query_heads(self, receiver: Receiver | str) -> tuple[int, ...]:
         """The query heads a head receiver feeds: its own head for ``q``; the group sharing a
@@ -192,10 +226,14 @@ class Graph:
 
     # ---------------------------------------------------------------- parsing
 
+    @cached_property
+    def _node_set(self) -> frozenset[Node]:
+        return frozenset(self.nodes)
+
     def node(self, node: Node | str) -> Node:
         """A node from its label (``"L3H1"``, ``"MLP3"``, ``"input"``, ``"logits"``), checked."""
         if isinstance(node, Node):
-            if node not in self.nodes:
+            if node not in self._node_set:
                 raise HookpatchError(f"node {node.label!r} is not in this model's graph; {self._sizes()}.")
             return node
         if node == "logits":
@@ -296,7 +334,7 @@ class Graph:
                 f"got {type(edges).__name__}."
             ) from None
         found = {self.edge(e) for e in items}
-        return tuple(sorted(found, key=self._edge_index.__getitem__))
+        return tuple(sorted(found, key=self.index))
 
     def edges_into(self, receivers: Iterable[Receiver | str] | Receiver | str) -> tuple[Edge, ...]:
         """Every edge into the given receivers."""

@@ -334,7 +334,10 @@ class _Context:
         B, P = len(self.prompts), self.prompts.n_pos
         per_variant = self.runner.bytes_per_variant(f, self.metric, "resid_pre", B, P)
         per_variant += 4 * B * P * f.d_model * (3 * f.n_layers + 2)  # edits, recorded inputs, the first run's sums
-        jobs = plan_jobs(semantics, target, source, variants, memory_budget // max(per_variant, 1),
+        size = memory_budget // max(per_variant, 1)
+        if self.runner.chunk_pairs is not None:  # the runner's cap on computed (row, position) pairs
+            size = min(size, self.runner.chunk_pairs // (B * P))
+        jobs = plan_jobs(semantics, target, source, variants, size,
                          receiver_positions=receiver_positions, freeze_mlps=freeze_mlps)
         desc = f"{method.replace('_', ' ')} ({semantics})" if method == "path_patch" else "edge patch"
         values = run_jobs(self.work, jobs, executor, progress=progress, desc=desc)

@@ -268,23 +268,33 @@ class FastRunner:
         ready = torch.tensor([h // group not in touched["k"] for h in heads], device=q.device)
         z_new = fast.heads_z(layer, q, k, v, k_ready=ready)  # [V * B, pos, n, d_head]
         z_own = run.cache[hook_name("z", layer)]  # [B, pos, head, d_head]
-        z = z_own.repeat(V, 1, 1, 1)
-        z[:, :, heads] = z_new
         if any(at == layer for at, _ in edits.observed()):
+            z = z_own.repeat(V, 1, 1, 1)
+            z[:, :, heads] = z_new
             edits.observe(layer, "z", z)
         # the positions that change (from the first edited one) and that a read can see
         seen = _reaching_reads(reads, B, P, last=layer == n - 1).repeat(V, 1)  # [V * B, pos]
         where = seen & (torch.arange(P, device=seen.device) >= active_from.unsqueeze(-1))
-        resid = run.cache[resid_entering(layer + 1, n)].repeat(V, 1, 1)  # [V * B, pos, d_model]
-        if fast.head_output_is_linear(layer):
-            changed = torch.zeros(z.shape[2], dtype=torch.bool, device=z.device)
+        rows, cols = where.nonzero(as_tuple=True)  # the (row, position) pairs that change
+        own_rows = rows % B  # the same prompt in the unpatched run
+
+        def own(name: str) -> Tensor:
+            return run.cache[name][own_rows, cols]  # [m, ...]
+
+        z_sel = z_new[rows, cols]  # [m, n, d_head]
+        if fast.head_output_is_linear(layer):  # the changed heads' shares of W_O
+            delta = z_sel.new_zeros(z_sel.shape[0], *z_own.shape[2:])  # [m, head, d_head]
+            delta[:, heads] = z_sel - z_own[own_rows, cols][:, heads]
+            changed = torch.zeros(z_own.shape[2], dtype=torch.bool, device=z_sel.device)
             changed[heads] = True
-            delta = (z - z_own.repeat(V, 1, 1, 1))[where]  # [m, head, d_head]
-            attn_out = run.cache[hook_name("attn_out", layer)].repeat(V, 1, 1)[where]
-            attn_out = attn_out + fast.head_output_delta(layer, delta, changed.expand(delta.shape[0], -1))
+            attn_out = own(hook_name("attn_out", layer)) + fast.head_output_delta(
+                layer, delta, changed.expand(delta.shape[0], -1))
         else:
-            attn_out = fast.attention_output(layer, z[where])
-        resid[where] = fast.resume_block(layer, "hook_attn_out", x[where], attn_out)
+            z_rows = z_own[own_rows, cols].clone()  # [m, head, d_head]
+            z_rows[:, heads] = z_sel
+            attn_out = fast.attention_output(layer, z_rows)
+        resid = run.cache[resid_entering(layer + 1, n)].repeat(V, 1, 1)  # [V * B, pos, d_model]
+        resid[rows, cols] = fast.resume_block(layer, "hook_attn_out", own(hook_name("resid_pre", layer)), attn_out)
         return resid
 
     def _edit_hooks(self, edits: Any, after: int = -1) -> dict[str, Any]:

@@ -299,7 +299,8 @@ class FastForward:
             active_from: per row, the first position to compute; the positions before it are
                 frozen at the unpatched run (which ``frozen_kv`` comes from), so an edit must
                 only touch a row's positions ``>= active_from``. Needs ``read_pos`` (each
-                ``>= active_from`` of its row) and ``frozen_kv``.
+                ``>= active_from`` of its row) and ``frozen_kv``. Positions after a row's last
+                read are not computed either (nothing at a read depends on them).
             frozen_kv: for each block ``l >= min(start)``, the unpatched run's ``(k, v)`` at
                 every position, ``[b, pos, kv_head, d_head]`` with ``b`` 1, ``batch`` or a
                 divisor of it (row ``r`` reads ``r % b``: variants stacked over ``b`` prompts
@@ -332,8 +333,11 @@ class FastForward:
         active_from = checks.check_active(active_from, read_pos, batch, n_pos).to(resid.device)
         first = int(starts.min())
         checks.check_frozen(frozen_kv, first, batch, n_pos, self.n_layers, self.n_kv_heads, self.d_head)
+        assert read_pos is not None  # check_active needs it
+        # positions after a row's last read never reach it (attention is causal): not computed
+        active_to = checks.read_index(read_pos.to(resid.device), n_pos, batch).max(-1).values  # [batch]
         joins = {  # block -> the layout once the rows starting there have joined
-            int(layer): lay.packed_layout(active_from, n_pos, starts <= layer, self._rope)
+            int(layer): lay.packed_layout(active_from, n_pos, starts <= layer, self._rope, active_to)
             for layer in starts.unique().tolist()
         }
         return self._run_blocks(None, None, first, joins, resid, hooks, read_pos, frozen_kv, unembed, final_edit)

@@ -158,12 +158,18 @@ def dense_layout(batch: int, n_pos: int, device: torch.device, rope: RopeAt) -> 
 
 
 def packed_layout(
-    active_from: Int[Tensor, " batch"], n_pos: int, started: Bool[Tensor, " batch"], rope: RopeAt
+    active_from: Int[Tensor, " batch"],
+    n_pos: int,
+    started: Bool[Tensor, " batch"],
+    rope: RopeAt,
+    active_to: Int[Tensor, " batch"] | None = None,
 ) -> Layout:
-    """Started row ``r`` computes positions ``active_from[r]..n_pos - 1``, the others none
-    (a plain reshape when every position is computed)."""
+    """Started row ``r`` computes positions ``active_from[r]..active_to[r]`` (default: to the
+    last), the others none (a plain reshape when every position is computed)."""
     columns = torch.arange(n_pos, device=active_from.device)  # [n_pos]
     active = (columns >= active_from.unsqueeze(-1)) & started.unsqueeze(-1)  # [batch, n_pos]
+    if active_to is not None:
+        active &= columns <= active_to.unsqueeze(-1)
     if bool(active.all()):
         pos = columns.repeat(active.shape[0])
         return Layout(active.shape[0], n_pos, None, pos, columns, rope(pos), causal=True)
