@@ -13,7 +13,7 @@ import hookpatch
 
 PACKAGES = ["hookpatch", "hookpatch.model", "hookpatch.organism", "hookpatch.tasks", "hookpatch.metrics",
             "hookpatch.hooks", "hookpatch.sweeps", "hookpatch.readouts", "hookpatch.attribution", "hookpatch.views",
-            "hookpatch.runners"]
+            "hookpatch.runners", "hookpatch.circuits"]
 README = Path(__file__).resolve().parent.parent / "README.md"
 # Backticked words in README's "What is in it" that are not Python names of the module the
 # bullet names: TransformerLens options and functions, position names, corruption names.

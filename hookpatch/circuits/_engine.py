@@ -83,6 +83,10 @@ class CircuitJob:
 
     def run(self, context: CircuitContext) -> Float[Tensor, "variant batch"]:
         """The metric per variant and prompt, ``[len(variants), batch]`` (float32, on the CPU)."""
+        with torch.no_grad():
+            return self._run(context)
+
+    def _run(self, context: CircuitContext) -> Float[Tensor, "variant batch"]:
         target, source = context.runs[self.target], context.runs[self.source]
         B, P = target.tokens.shape
         receivers = position_mask(self.receiver_positions, context.prompts, B, P)  # [B, pos]

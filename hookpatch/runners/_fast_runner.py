@@ -249,7 +249,8 @@ class FastRunner:
         B, P = run.tokens.shape
         group = fast.n_heads // fast.n_kv_heads
         touched = {kind: set(edits.touched((layer, kind))) if (layer, kind) in sites else set() for kind in "qkv"}
-        heads = sorted(touched["q"] | {h for g in touched["k"] | touched["v"] for h in range(g * group, (g + 1) * group)})
+        fed = {h for g in touched["k"] | touched["v"] for h in range(g * group, (g + 1) * group)}  # a KV head's group
+        heads = sorted(touched["q"] | fed)
         x = run.cache[hook_name("resid_pre", layer)].repeat(V, 1, 1)  # [V * B, pos, d_model]
         keys = run.cache[attention_key(layer, fast.rotary)]  # [B, pos, kv_head, d_head]: what attention uses
         values = run.cache[hook_name("v", layer)]

@@ -17,8 +17,8 @@ from hookpatch.model._facts import attention_key, block_point, hook_name
 from hookpatch.runners.fast import _block
 from hookpatch.runners.fast import _checks as checks
 from hookpatch.runners.fast import _layout as lay
-from hookpatch.runners.fast._layout import NO_HOOKS, Bound, FastHook, HookFn, Layout
 from hookpatch.runners.fast import _ops as ops
+from hookpatch.runners.fast._layout import NO_HOOKS, Bound, FastHook, HookFn, Layout
 from hookpatch.runners.fast._ops import soft_cap
 from hookpatch.runners.fast._variants import variant_of
 from hookpatch.runners.fast._weights import ModelWeights, rope_table
