@@ -284,3 +284,27 @@ def test_edge_patch_input_checks(gpt2_model, small_prompts):
     res = edge_patch(gpt2_model, prompts, LogitDiff(prompts), [], fast=False)  # nothing patched: the run itself
     torch.testing.assert_close(res.values[0], res.corrupted, atol=1e-5, rtol=0)
     assert not gpt2_model.cfg.use_split_qkv_input and not gpt2_model.cfg.use_hook_mlp_in
+
+
+@pytest.mark.parametrize("ablation", ["zero", "mean"])
+def test_ablating_every_edge_equals_ablating_every_sender(model, small_prompts, ablation):
+    """Every edge zero- or mean-ablated: each receiver reads only the ablated senders' outputs,
+    which is the clean run with the embeddings, every head's z and every MLP's output replaced
+    (a plain hook loop on the bridge)."""
+    prompts = small_prompts[id(model)]
+    metric = LogitDiff(prompts)
+    g = graph(model)
+    res = edge_patch(model, prompts, metric, list(g.edges), direction="noising", ablation=ablation)
+    assert res.provenance.ablation == ablation
+    _, cache = model.run_with_cache(prompts.corrupted_tokens)  # noising: the other run is corrupted
+    names = ["blocks.0.hook_resid_pre"] + [f"blocks.{layer}.{point}" for layer in range(g.facts.n_layers)
+                                            for point in ("attn.hook_z", "hook_mlp_out")]
+
+    def replace(act, hook):
+        value = cache[hook.name].mean(0, keepdim=True) if ablation == "mean" else torch.zeros_like(act[:1])
+        return value.expand_as(act).clone()
+
+    logits = model.run_with_hooks(prompts.clean_tokens, fwd_hooks=[(n, replace) for n in names])
+    torch.testing.assert_close(res.values[0], metric(logits), atol=TOL, rtol=0)
+    with pytest.raises(HookpatchError, match="ablation"):
+        edge_patch(model, prompts, metric, list(g.edges)[:3], ablation="resample")

@@ -227,8 +227,6 @@ def test_bad_input(gpt2_model, llama_model):
         top_n(g, s.tolist(), 3)
     with pytest.raises(HookpatchError, match=r"n=-1"):
         top_n(g, s, -1)
-    with pytest.raises(HookpatchError, match="ablation='mean' is not supported yet"):
-        faithfulness_curve(gpt2_model, prompts, metric, s, ablation="mean")
     with pytest.raises(HookpatchError, match="ablation='bogus'"):
         faithfulness(gpt2_model, prompts, metric, Circuit(g, ()), ablation="bogus")
     other = top_n(graph(llama_model), random_scores(graph(llama_model)), 5)
@@ -239,3 +237,20 @@ def test_bad_input(gpt2_model, llama_model):
     with pytest.raises(HookpatchError, match="not in the graph"):
         Circuit.from_edges(g, ["L1H0->L0H0.q"])
     assert math.isfinite(faithfulness(gpt2_model, prompts, metric, [["input->logits"]]).faithfulness[0])
+
+
+@pytest.mark.parametrize("ablation", ["mean", "zero"])
+def test_ablated_faithfulness_is_normalized_by_the_fully_ablated_model(gpt2_model, small_prompts, ablation):
+    """With mean or zero ablation the 0 point is the model with every edge ablated: the full
+    circuit gives 1, the empty one 0, and a circuit's value is the plain edge_patch normalization."""
+    prompts = small_prompts[id(gpt2_model)]
+    metric = LogitDiff(prompts)
+    g = graph(gpt2_model)
+    circuit = Circuit(g, tuple(g.edges[::7]))
+    res = faithfulness(gpt2_model, prompts, metric, [Circuit(g, tuple(g.edges)), Circuit(g, ()), circuit],
+                       ablation=ablation)
+    torch.testing.assert_close(res.faithfulness[:2].double(), torch.tensor([1.0, 0.0]).double(), atol=1e-5, rtol=0)
+    plain = edge_patch(gpt2_model, prompts, metric, edge_sets=[circuit.complement(), list(g.edges)],
+                       direction="noising", ablation=ablation).values
+    expected = (plain[0].mean() - plain[1].mean()) / (res.clean.mean() - plain[1].mean())
+    torch.testing.assert_close(res.faithfulness[2].double(), expected.double(), atol=1e-5, rtol=0)

@@ -230,7 +230,8 @@ def faithfulness(
     executor: Any = None,
 ) -> Faithfulness:
     """Faithfulness of each circuit: the clean run with every edge outside it patched from the
-    corrupted run, normalized so the full model is 1 and the corrupted run 0.
+    corrupted run (or ablated), normalized so the full model is 1 and the corrupted run (every
+    edge ablated) 0.
 
     Example:
         >>> res = faithfulness(model, prompts, LogitDiff(prompts), [circuit_a, circuit_b], completeness=True)
@@ -241,7 +242,8 @@ def faithfulness(
         circuits: a :class:`Circuit` or a list of them (or of edge lists) of this model's graph.
         completeness: also run each circuit removed (only its edges patched).
         ablation: what replaces the edges outside the circuit: ``"patch"`` (the corrupted run's
-            sender outputs). ``"mean"`` and ``"zero"`` are not supported yet.
+            sender outputs; the corrupted run is 0), ``"mean"`` (their mean over the prompts,
+            per position) or ``"zero"``; for the last two the model with every edge ablated is 0.
         level, n_resamples, seed: the bootstrap over prompts.
         graph, memory_budget, fast, progress, executor: as in :func:`edge_patch`.
 
@@ -255,10 +257,8 @@ def faithfulness(
     items = [circuits] if isinstance(circuits, Circuit) else _as_list(circuits)
     checked = tuple(_as_circuit(g, c, i) for i, c in enumerate(items))
     sets = [c.complement() for c in checked] + ([list(c.edges) for c in checked] if completeness else [])
-    res = edge_patch(model, prompts, metric, edge_sets=sets, direction="noising", graph=g,
-                     memory_budget=memory_budget, fast=fast, progress=progress, executor=executor)
-    corrupted = _require_spread(res)
-    values = res.values.float()
+    res, values, corrupted = _patch_outside(model, prompts, metric, sets, ablation, g, memory_budget, fast, progress,
+                                            executor)
     kept, removed = values[:len(checked)], values[len(checked):] if completeness else None
     idx = _bootstrap_index(values.shape[-1], n_resamples, seed)
     f = normalized(kept, res.clean, corrupted)
@@ -305,7 +305,7 @@ def faithfulness_curve(
         budgets: increasing fractions of the graph's edges in (0, 1], at least two; a budget
             asks for ``max(1, round(budget * n_edges))`` edges.
         method: ``"top_n"`` or ``"greedy"`` (see :mod:`hookpatch.circuits._circuit`).
-        ablation: ``"patch"`` only for now (see :func:`faithfulness`).
+        ablation: ``"patch"``, ``"mean"`` or ``"zero"`` (see :func:`faithfulness`).
         absolute, prune: passed to the extraction.
         n_random: random circuits per budget for the baseline (0: none). seed: seeds them and
             the bootstrap.
@@ -329,10 +329,8 @@ def faithfulness_curve(
     randoms = [[Circuit(g, tuple(g.edge_at(i) for i in torch.randperm(g.n_edges, generator=generator)[:n].tolist()),
                         method="random") for n in sizes] for _ in range(n_random)]
     sets = [c.complement() for c in circuits] + [c.complement() for draw in randoms for c in draw]
-    res = edge_patch(model, prompts, metric, edge_sets=sets, direction="noising", graph=g,
-                     memory_budget=memory_budget, fast=fast, progress=progress, executor=executor)
-    corrupted = _require_spread(res)
-    values = res.values.float()
+    res, values, corrupted = _patch_outside(model, prompts, metric, sets, ablation, g, memory_budget, fast, progress,
+                                            executor)
     P = len(fractions)
     kept = values[:P]
     idx = _bootstrap_index(values.shape[-1], n_resamples, seed)
@@ -366,12 +364,30 @@ def faithfulness_curve(
 def _check_ablation(ablation: Any) -> None:
     if ablation not in ABLATIONS:
         raise HookpatchError(f"ablation={ablation!r}: expected one of {ABLATIONS}.")
-    if ablation != "patch":
+
+
+def _patch_outside(
+    model: Any, prompts: PromptSet, metric: Any, sets: list[Any], ablation: str, g: Graph, memory_budget: int,
+    fast: bool | None, progress: bool, executor: Any,
+) -> tuple[Any, Tensor, Tensor]:
+    """One :func:`edge_patch` call of the clean run with each of ``sets`` patched (from the
+    corrupted run, or its mean or zero): the result, the values ``[set, batch]`` and the
+    per-prompt 0 point of the normalization — the corrupted run itself for ``"patch"`` (every
+    edge patched gives it exactly), else the model with every edge ablated (one more set)."""
+    every = [] if ablation == "patch" else [list(g.edges)]
+    res = edge_patch(model, prompts, metric, edge_sets=sets + every, direction="noising", graph=g,
+                     ablation=None if ablation == "patch" else ablation, memory_budget=memory_budget, fast=fast,
+                     progress=progress, executor=executor)
+    values = res.values.float()
+    if ablation == "patch":
+        return res, values, _require_spread(res)
+    zero = values[-1]
+    if torch.isclose(res.clean.mean(), zero.mean()):
         raise HookpatchError(
-            f"ablation={ablation!r} is not supported yet: edge_patch takes the sender outputs of the other run "
-            "(the corrupted prompts) only. Use ablation='patch' with a corrupted prompt set; for a mean ablation, "
-            "build corrupted prompts whose run approximates the mean."
+            f"the metric has the same mean with every edge {ablation}-ablated as on the clean run, so "
+            "faithfulness (1 = clean, 0 = every edge ablated) is undefined; use another metric or ablation."
         )
+    return res, values[:-1], zero
 
 
 def _as_list(circuits: Any) -> list[Any]:

@@ -16,10 +16,12 @@ memory budget, an executor over picklable jobs, a progress bar, and a typed
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from hookpatch._checks import (
@@ -46,12 +48,13 @@ from hookpatch.errors import HookpatchError
 from hookpatch.metrics._base import Metric
 from hookpatch.model._loading import require_eval
 from hookpatch.results import SweepResult
-from hookpatch.runners import Runner, require_executor, runner_for
+from hookpatch.runners import CachedRun, Runner, require_executor, runner_for
 from hookpatch.sweeps._engine import DEFAULT_BUDGET
 from hookpatch.sweeps._grid import Grid
 from hookpatch.tasks._promptset import PromptSet
 
 DIRECTIONS = ("denoising", "noising")
+EDGE_ABLATIONS = ("mean", "zero")
 SEMANTICS = ("direct", "ioi")
 SWEEP_GRIDS = (("layer", "head"), ("layer", "pos", "head"), ("sender",), ("sender", "receiver"))
 
@@ -64,6 +67,7 @@ def edge_patch(
     *,
     edge_sets: Sequence[Any] | None = None,
     direction: str = "denoising",
+    ablation: str | None = None,
     positions: Any = None,
     graph: Graph | None = None,
     memory_budget: int = DEFAULT_BUDGET,
@@ -87,6 +91,9 @@ def edge_patch(
         edge_sets: several edge sets, each patched on its own (one row of the result each).
         direction: ``"denoising"`` (the clean run's sender outputs into the corrupted run) or
             ``"noising"`` (corrupted into clean).
+        ablation: None (the other run's sender outputs), ``"mean"`` (their mean over the
+            prompts, per position) or ``"zero"`` (zero: a head's z, an MLP's output, the
+            embeddings), each written along the patched edges into the run ``direction`` names.
         positions: where the edges are patched (columns or position names, resolved per
             prompt; None: every position). A sender's write at a position reaches receivers at
             that same position.
@@ -112,8 +119,9 @@ def edge_patch(
     labels = tuple(s[0].label if len(s) == 1 else f"{len(s)} edges" for s in sets)
     variants = [PathVariant(edges=edge_indices(g, s)) for s in sets]
     receiver_positions = check_positions(positions, prompts, prompts.n_pos, "positions")
+    source = ctx.ablated_source(ablation)
     return ctx.run(
-        "direct", variants, ("edge_set",), {"edge_set": labels}, receiver_positions=receiver_positions,
+        "direct", variants, ("edge_set",), {"edge_set": labels}, receiver_positions=receiver_positions, source=source,
         freeze_mlps=False, memory_budget=memory_budget, progress=progress, executor=executor,
         method="edge_patch", receivers=None, grid=None,
     )
@@ -322,14 +330,36 @@ class _Context:
         return cls(model, prompts, metric, runner, work, direction,
                    clean.detach().float().cpu(), corrupted.detach().float().cpu())
 
+    def ablated_source(self, ablation: str | None) -> str | None:
+        """The cached run edges take their sender outputs from: None for the other run, else
+        a run derived from it (``"mean"``: its mean over prompts, per position; ``"zero"``:
+        zeros), added to the worker's runs under that name."""
+        if ablation is None:
+            return None
+        if ablation not in EDGE_ABLATIONS:
+            raise HookpatchError(f"ablation={ablation!r}: expected None (the other run), or one of {EDGE_ABLATIONS}.")
+        other = self.work.runs["clean" if self.direction == "denoising" else "corrupted"]
+        names = cache_names(self.work.graph.facts.n_layers)
+        cache = {}
+        for name in names:
+            act = other.cache[name]
+            value = act.mean(0, keepdim=True) if ablation == "mean" else torch.zeros_like(act[:1])
+            cache[name] = value.expand_as(act)
+        runs = dict(self.work.runs)
+        runs[ablation] = CachedRun(other.tokens, cache, other.values)
+        object.__setattr__(self, "work", dataclasses.replace(self.work, runs=runs))
+        return ablation
+
     def run(
         self, semantics: str, variants: list[PathVariant], axes: tuple[str, ...], labels: dict[str, tuple[str, ...]],
         *, receiver_positions: tuple[int | str, ...] | None, freeze_mlps: bool, memory_budget: int,
         progress: bool, executor: Any, method: str, receivers: tuple[str, ...] | None, grid: GridFacts | None,
+        source: str | None = None,
     ) -> SweepResult:
         as_int(memory_budget, "memory_budget", minimum=1, hint=" (bytes one stacked forward may use, e.g. 2**30)")
         executor = require_executor(executor)
-        target, source = ("corrupted", "clean") if self.direction == "denoising" else ("clean", "corrupted")
+        target, other = ("corrupted", "clean") if self.direction == "denoising" else ("clean", "corrupted")
+        source = other if source is None else source
         f = self.work.graph.facts
         B, P = len(self.prompts), self.prompts.n_pos
         per_variant = self.runner.bytes_per_variant(f, self.metric, "resid_pre", B, P)
@@ -345,6 +375,7 @@ class _Context:
         provenance = Provenance(
             kind="patched_metric", method=method, direction=self.direction, runner=self.runner.name, grid=grid,
             receivers=receivers, semantics=semantics, freeze_mlps=freeze_mlps if semantics == "ioi" else None,
+            ablation=None if source in ("clean", "corrupted") else source,
             receiver_positions=receiver_positions, **run_facts(self.model, self.prompts, self.metric),
         )
         result = SweepResult(values=values.reshape(*shape, B), axes=axes, labels=labels, clean=self.clean,
