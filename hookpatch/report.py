@@ -3,8 +3,8 @@
 Runs the steps of a case study on a model, for the pronoun or the IOI task — prediction
 check, logit lens, layer and head DLA, attention views of the top heads, head ablation (zero
 and mean), residual patching by layer × position, head patching, attribution vs activation
-patching — and writes one HTML file with plotly's JavaScript and circuitsvis' inlined once,
-so it opens offline.
+patching, path patching (IOI), an EAP-IG circuit with its faithfulness curve — and writes one
+HTML file with plotly's JavaScript and circuitsvis' inlined once, so it opens offline.
 """
 
 from __future__ import annotations
@@ -165,6 +165,7 @@ def build_report(model: Any, model_name: str, task: str, n_prompts: int | None, 
     )
     if task == "ioi":
         _path_patching_section(report, model, prompts, metric, heads, progress)
+    _circuit_section(report, model, prompts, metric, progress)
     return report
 
 
@@ -260,4 +261,57 @@ def _path_patching_section(report: Report, model: Any, prompts: Any, metric: Any
         "clean output is patched into the corrupted run with every other head frozen (IOI-paper path "
         "patching); only the receivers' queries at END take the result. Effects are changes of the normalized "
         "logit difference against the corrupted run (1 = the whole clean − corrupted gap).",
+    )
+
+
+CIRCUIT_BUDGETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # fractions of the edges; short enough for a small model
+CIRCUIT_TARGET = 0.8  # the discovered circuit: the smallest budget whose faithfulness reaches this
+
+
+def discovered_circuit(curve: Any, target: float = CIRCUIT_TARGET) -> int:
+    """The index of the curve's smallest budget whose faithfulness (point estimate) is at least
+    ``target``, or of the largest budget when none reaches it."""
+    reached = [i for i, f in enumerate(curve.faithfulness.tolist()) if f >= target]
+    return reached[0] if reached else len(curve.budgets) - 1
+
+
+def circuit_sentences(curve: Any, index: int, target: float = CIRCUIT_TARGET) -> str:
+    """Two or three sentences from a faithfulness curve and the chosen budget ``index``: the
+    circuit's size and faithfulness with its interval, and CPR/CMD against the random baseline."""
+    c = curve.circuits[index]
+    f, low, high = (float(t[index]) for t in (curve.faithfulness, curve.ci_low, curve.ci_high))
+    reached = f >= target
+    which = (f"The smallest circuit with faithfulness ≥ {target:g}" if reached
+             else f"No budget reaches faithfulness {target:g}; the largest circuit")
+    text = (f"{which} keeps {len(c)} of {c.graph.n_edges} edges (budget {curve.budgets[index]:g}, "
+            f"{len(c.nodes)} nodes) and has faithfulness {f:.3f} [{low:.3f}, {high:.3f}] "
+            f"({curve.level:.0%} bootstrap CI over prompts). ")
+    text += f"Over the budgets CPR is {curve.cpr!r} and CMD {curve.cmd!r}"
+    if curve.random_cpr is not None:
+        text += (f", against CPR {curve.random_cpr!r} and CMD {curve.random_cmd!r} for random circuits of the "
+                 "same sizes")
+    return text + " (CPR: higher is better; CMD: lower is better)."
+
+
+def _circuit_section(report: Report, model: Any, prompts: Any, metric: Any, progress: bool) -> None:
+    """"Circuit": EAP-IG scores every edge, top-n circuits at each budget of
+    ``CIRCUIT_BUDGETS`` are run alone by exact edge patching, and the smallest one that keeps
+    ``CIRCUIT_TARGET`` of the clean − corrupted gap is drawn as "the discovered circuit"."""
+    from hookpatch import views
+    from hookpatch.circuits import edge_attribution, faithfulness_curve
+
+    scores = edge_attribution(model, prompts, metric, method="eap-ig", steps=5, progress=progress)
+    curve = faithfulness_curve(model, prompts, metric, scores.mean(), budgets=CIRCUIT_BUDGETS, progress=progress)
+    index = discovered_circuit(curve)
+    sentences = circuit_sentences(curve, index)
+    report.summary.append("circuit: " + sentences.split(". ")[0])
+    report.add(
+        "Circuit",
+        _figure(views.circuit_graph(curve.circuits[index])) + _figure(views.faithfulness_curve_plot(curve))
+        + f"<p>{html.escape(sentences)}</p>",
+        "Every edge (sender output → receiver input) scored by EAP-IG (5 steps, denoising); at each budget the "
+        "top-|score| edges, pruned to input → logits paths, are run alone: the clean run with every other edge "
+        "given the corrupted run's sender output. Faithfulness 1 = the full model, 0 = the corrupted run. "
+        "Edge colour: sign of the score (blue raises the normalized logit difference); width: |score|; "
+        "dash: the receiving input (q solid, k dashed, v dotted).",
     )

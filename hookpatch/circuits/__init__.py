@@ -6,8 +6,8 @@ input) → :func:`edge_patch` (exact patching of any edge set) and :func:`path_p
 (every sender of a grid into a set of receivers, direct or as in the IOI paper) →
 :func:`edge_attribution` (EAP / EAP-IG scores of every edge) → :func:`top_n`,
 :func:`threshold`, :func:`greedy` (a :class:`Circuit`; :func:`prune`) →
-:func:`faithfulness`, :func:`faithfulness_curve` (exact, with CPR/CMD and a random baseline)
-→ typed results.
+:func:`faithfulness`, :func:`faithfulness_curve` (exact, with CPR/CMD and a random baseline);
+:func:`compare_edges` checks attribution against exact edge patching → typed results.
 """
 
 from hookpatch.circuits._attribution import edge_attribution as edge_attribution
@@ -16,6 +16,8 @@ from hookpatch.circuits._circuit import greedy as greedy
 from hookpatch.circuits._circuit import prune as prune
 from hookpatch.circuits._circuit import threshold as threshold
 from hookpatch.circuits._circuit import top_n as top_n
+from hookpatch.circuits._compare import EdgeComparison as EdgeComparison
+from hookpatch.circuits._compare import compare_edges as compare_edges
 from hookpatch.circuits._faithfulness import Faithfulness as Faithfulness
 from hookpatch.circuits._faithfulness import FaithfulnessCurve as FaithfulnessCurve
 from hookpatch.circuits._faithfulness import faithfulness as faithfulness
@@ -31,11 +33,13 @@ from hookpatch.circuits._patching import path_patch_sweep as path_patch_sweep
 __all__ = [
     "Circuit",
     "Edge",
+    "EdgeComparison",
     "Faithfulness",
     "FaithfulnessCurve",
     "Graph",
     "Node",
     "Receiver",
+    "compare_edges",
     "edge_attribution",
     "edge_patch",
     "faithfulness",

@@ -108,6 +108,9 @@ class AddEdits:
     pos_mask: Bool[Tensor, "variant batch pos"]
     # sender index -> (the variants patching an edge from it, Δ_s for them [n, batch, pos, d_model])
     _deltas: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    # "used": [V, sender] which variants patch an edge from each sender; "sum": [V, batch, pos,
+    # d_model] each variant's sum of the Δ_s seen so far
+    _state: dict[str, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for i, s in enumerate(self.senders):
@@ -146,23 +149,49 @@ class AddEdits:
             self._store(i, delta, rows)
 
     def _users(self, i: int) -> Int[Tensor, " n"]:
-        used = torch.zeros(self.n_variants, dtype=torch.bool)
-        for w in self.weights.values():
-            used |= w[:, i].ne(0).any(-1)
-        return used.nonzero().flatten()
+        """The variants that patch some edge from sender ``i``."""
+        if "used" not in self._state:
+            used = torch.zeros(self.n_variants, len(self.senders), dtype=torch.bool)
+            for w in self.weights.values():
+                used |= w.ne(0).any(-1)
+            self._state["used"] = used  # [V, sender]
+        return self._state["used"][:, i].nonzero().flatten()
 
     def _store(self, i: int, delta: Tensor, rows: Tensor | None = None) -> None:
+        """Keep ``Δ_s`` of sender ``i`` for the variants ``rows`` using it (masked to each
+        variant's positions) and add it to those variants' running sum over senders so far."""
         rows = self._users(i) if rows is None else rows
         mask = self.pos_mask[rows].unsqueeze(-1).to(delta.device, delta.dtype)  # [n, B, pos, 1]
-        self._deltas[i] = (rows, delta * mask)
+        delta = delta * mask
+        self._deltas[i] = (rows, delta)
+        total = self._state.get("sum")
+        if total is None:
+            total = self._state["sum"] = delta.new_zeros(self.n_variants, *delta.shape[1:])
+        total[rows] += delta
 
     def touched(self, site: Site) -> list[int]:
         w = self.weights.get(site)
         return [] if w is None else w.ne(0).any(0).any(0).nonzero().flatten().tolist()
 
     def edit(self, site: Site, head: int, x: Float[Tensor, "rows pos d_model"]) -> Float[Tensor, "rows pos d_model"]:
+        """``x`` plus the weighted ``Δ_s`` of the edges into this head's input. Where the
+        weights are 0/1 and most of the senders seen so far are patched (a circuit's
+        complement), the sum runs the other way: every seen sender's ``Δ_s`` (kept as a running
+        sum) minus those of the unpatched edges."""
         w = self.weights[site][:, :, head]  # [V, sender]
         out = x.reshape(self.n_variants, -1, *x.shape[1:]).clone()  # [V, B, pos, d_model]
+        seen = torch.zeros(w.shape[1], dtype=torch.bool)
+        seen[list(self._deltas)] = True
+        used = self._state.get("used")
+        binary = bool(((w == 0) | (w == 1)).all())
+        skipped = (w == 0) & seen & (used if used is not None else True)  # [V, sender]: seen, used, unpatched here
+        if binary and "sum" in self._state and int(skipped.sum()) < int(w.ne(0).sum()):
+            out += self._state["sum"].to(out.device, out.dtype)
+            for i in skipped.any(0).nonzero().flatten().tolist():
+                rows, delta = self._deltas[i]
+                out[rows] -= skipped[rows, i].to(out.device, out.dtype).view(-1, 1, 1, 1) * delta.to(out.device,
+                                                                                                   out.dtype)
+            return out.flatten(0, 1)
         for i in w.ne(0).any(0).nonzero().flatten().tolist():
             rows, delta = self._deltas[i]
             scale = w[rows, i].to(out.device, out.dtype).view(-1, 1, 1, 1)
