@@ -72,10 +72,12 @@ class Circuit:
             raise HookpatchError(
                 f"scores: {len(scores)} scores for {len(items)} edges; pass one score per edge, or scores=None."
             )
-        checked = [self.graph.edge(e) for e in items]
+        checked = [e if isinstance(e, Edge) else self.graph.edge(e) for e in items]
         by_edge = dict(zip(checked, scores or [0.0] * len(checked), strict=True))
-        index = sorted({self.graph.index(e) for e in checked})
-        edges = tuple(self.graph.edge_at(i) for i in index)
+        positions = self.graph.indices(checked)  # checks each edge against the graph
+        order = sorted(dict(zip(positions, checked, strict=True)).items())
+        index = [i for i, _ in order]
+        edges = tuple(e for _, e in order)
         object.__setattr__(self, "edges", edges)
         object.__setattr__(self, "_index", tuple(index))
         if scores is not None:
@@ -125,7 +127,7 @@ class Circuit:
     def complement(self) -> tuple[Edge, ...]:
         """Every edge of the graph outside the circuit, in graph order."""
         inside = set(self._index)
-        return tuple(self.graph.edge_at(i) for i in range(self.graph.n_edges) if i not in inside)
+        return tuple(e for i, e in enumerate(self.graph.edges) if i not in inside)
 
     def __len__(self) -> int:
         return len(self.edges)

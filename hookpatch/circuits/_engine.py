@@ -242,4 +242,4 @@ def run_jobs(
 
 def edge_indices(graph: Graph, edges: Sequence[Edge]) -> tuple[int, ...]:
     """The indices of ``edges`` in ``graph.edges``."""
-    return tuple(graph.index(e) for e in edges)
+    return tuple(graph.indices(edges))

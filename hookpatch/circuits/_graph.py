@@ -191,6 +191,18 @@ class Graph:
         e = self.edge(edge)
         return self._starts[e.receiver] + self._sender_index[e.sender]
 
+    def indices(self, edges: Iterable[Edge]) -> list[int]:
+        """The positions of known :class:`Edge` s in :attr:`edges` (checked as a batch: one
+        call for many edges)."""
+        starts, senders = self._starts, self._sender_index
+        out = []
+        for e in edges:
+            start, at = starts.get(e.receiver), senders.get(e.sender)
+            if start is None or at is None or not sends_to(e.sender, e.receiver):
+                self.edge(e)  # raises, saying why
+            out.append(start + at)  # type: ignore[operator]
+        return out
+
     def edge_at(self, index: int) -> Edge:
         """``edges[index]``, without building the list of every edge."""
         i = bisect.bisect_right(self._block_starts, index) - 1
@@ -299,6 +311,10 @@ class Graph:
         """An edge from its label (``"L0H1->L2H3.q"``), a ``(sender, receiver)`` pair or an
         :class:`Edge`, checked against the graph."""
         if isinstance(edge, Edge):
+            if edge.receiver in self._starts and edge.sender in self._sender_index and sends_to(
+                edge.sender, edge.receiver
+            ):
+                return edge  # a known edge of this graph
             sender, receiver = self.node(edge.sender), self.receiver(edge.receiver)
         elif isinstance(edge, tuple) and len(edge) == 2:
             sender, receiver = self.node(edge[0]), self.receiver(edge[1])
@@ -333,8 +349,9 @@ class Graph:
                 f"edges: expected a list of edges (labels like 'L0H1->L2H3.q', pairs or Edge objects), "
                 f"got {type(edges).__name__}."
             ) from None
-        found = {self.edge(e) for e in items}
-        return tuple(sorted(found, key=self.index))
+        found = list(dict.fromkeys(e if isinstance(e, Edge) else self.edge(e) for e in items))
+        order = self.indices(found)
+        return tuple(e for _, e in sorted(zip(order, found, strict=True), key=lambda pair: pair[0]))
 
     def edges_into(self, receivers: Iterable[Receiver | str] | Receiver | str) -> tuple[Edge, ...]:
         """Every edge into the given receivers."""
