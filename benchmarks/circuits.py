@@ -51,6 +51,14 @@ within minutes, so a throughput measured once at the start misstates later multi
 ``peak_mb`` is hookpatch's peak resident memory above the level before its calls (as in
 ``sweeps.py``). The runner's one-time probe is run before any timing and excluded.
 
+Edge attribution (setting ``edge_attribution``, the 20 pronoun prompts × 11 tokens): EAP of every
+edge, EAP-IG with 5 steps and a 10-point faithfulness curve (its default budgets, top-n of the
+EAP scores; without and with one random circuit per budget), each in forward-equivalents: its
+time over one plain no-grad forward of the bridge over the same batch (best of 3). EAP is
+compared with TransformerLens's ``attribution_patch(granularity="edge")``, which takes one
+prompt per call: it runs on ``tl_prompts`` of the prompts, its time is extrapolated, and its
+per-(edge, position) scores summed over positions are compared with hookpatch's per prompt.
+
     python benchmarks/circuits.py --json benchmarks/results/circuits.json
     python benchmarks/circuits.py --quick --json /tmp/circuits-quick.json    # tiny model, seconds
     python benchmarks/circuits.py --profile                                 # hookpatch's top 10
@@ -75,7 +83,7 @@ from torch import Tensor
 from transformer_lens import patching
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hookpatch.circuits import path_patch_sweep  # noqa: E402
+from hookpatch.circuits import edge_attribution, faithfulness_curve, path_patch_sweep  # noqa: E402
 from hookpatch.metrics import LogitDiff  # noqa: E402
 from hookpatch.model import model_facts, tiny_model  # noqa: E402
 from hookpatch.runners import runner_for  # noqa: E402
@@ -98,6 +106,7 @@ FULL = {
     "receiver": (9, 9),
     "settings": ("single", "ioi"),
     "fraction": {("single", "direct"): 1.0, ("single", "ioi"): 1.0, ("ioi", "direct"): 0.25, ("ioi", "ioi"): 0.25},
+    "tl_prompts": 2,  # TransformerLens's edge attribution, one prompt per call: 2 of the 20 measured
 }
 # The smoke run: a tiny GPT-2 (seconds in all), every sender measured.
 QUICK = {
@@ -105,6 +114,7 @@ QUICK = {
     "receiver": (2, 3),
     "settings": ("single", "ioi"),
     "fraction": {},
+    "tl_prompts": 2,
 }
 
 
@@ -284,6 +294,76 @@ def bench_setting(model: Any, name: str, prompts: Any, config: dict, throughput:
     return {"name": name, "n_prompts": len(prompts), "n_tokens": prompts.n_pos, "runs": runs}
 
 
+def bench_edge_attribution(model: Any, prompts: Any, tl_prompts: int) -> dict:
+    """Edge attribution of every edge (EAP; EAP-IG with 5 steps) and a 10-point faithfulness
+    curve, in forward-equivalents (one plain no-grad forward of the bridge over the batch), and
+    EAP against TransformerLens's edge-granularity ``attribution_patch`` (which runs one prompt
+    at a time: timed on ``tl_prompts`` of them and extrapolated) in the same run."""
+    from transformer_lens.tools.analysis.attribution_patching import EdgeAttributionConfig, attribution_patch
+
+    metric = LogitDiff(prompts)
+    with torch.no_grad():
+        forward = min(_timed(lambda: model(prompts.clean_tokens)) for _ in range(3))
+    runs = []
+    eap_s = min(_timed(lambda: edge_attribution(model, prompts, metric, progress=False)) for _ in range(2))
+    eap = edge_attribution(model, prompts, metric, progress=False)
+    # TransformerLens: per prompt, scores per (edge, position); summed over positions to compare
+    labels = {label: i for i, label in enumerate(eap.labels["edge"])}
+    config = EdgeAttributionConfig(granularity="edge")
+    diffs, tl_s = [], 0.0
+    for i in range(tl_prompts):
+        end, good, bad = int(prompts.end[i]), int(prompts.correct_tokens[i]), int(prompts.incorrect_tokens[i])
+        t = clock()
+        res = attribution_patch(model, prompts.clean_tokens[i : i + 1], prompts.corrupted_tokens[i : i + 1],
+                                lambda logits, e=end, a=good, b=bad: logits[0, e, a] - logits[0, e, b], config)
+        tl_s += clock() - t
+        theirs = torch.zeros(len(labels), dtype=torch.float64)
+        for (writer, reader), value in res.edge_scores.items():
+            theirs[labels[f"{_tl_sender(writer)}->{_tl_receiver(reader)}"]] += value
+        diffs.append(float((eap.values[:, i].double() - theirs).abs().max()))
+    tl_total = tl_s * len(prompts) / tl_prompts
+    runs.append({"run": "eap_all_edges", "hookpatch_s": eap_s, "forward_s": forward,
+                 "forward_equivalents": eap_s / forward,
+                 "reference": f"transformer_lens attribution_patch(granularity='edge'), one prompt per call "
+                              f"({tl_prompts} of {len(prompts)} prompts measured, extrapolated)",
+                 "reference_s": tl_total, "speedup": tl_total / eap_s, "max_abs_diff": max(diffs),
+                 "roofline_multiple": None, "peak_mb": None})
+    ig_s = _timed(lambda: edge_attribution(model, prompts, metric, method="eap-ig", steps=5, progress=False))
+    runs.append({"run": "eap_ig_5_steps", "hookpatch_s": ig_s, "forward_s": forward,
+                 "forward_equivalents": ig_s / forward,
+                 "reference": "TransformerLens has no EAP-IG (ig_steps>1 raises)",
+                 "reference_s": None, "speedup": None, "max_abs_diff": None, "roofline_multiple": None,
+                 "peak_mb": None})
+    scores = eap.mean()
+    for n_random in (0, 1):
+        curve_s = _timed(lambda n=n_random: faithfulness_curve(model, prompts, metric, scores, n_random=n))
+        runs.append({"run": f"faithfulness_curve_10_points{'_with_random' if n_random else ''}",
+                     "hookpatch_s": curve_s, "forward_s": forward, "forward_equivalents": curve_s / forward,
+                     "reference": None, "reference_s": None, "speedup": None, "max_abs_diff": None,
+                     "roofline_multiple": None, "peak_mb": None})
+    for r in runs:
+        print(f"edges   {r['run']:38s} {r['hookpatch_s']:7.2f}s = {r['forward_equivalents']:5.1f} forwards"
+              + (f"  TL {r['reference_s']:7.1f}s (x{r['speedup']:5.1f}) diff {r['max_abs_diff']:.1e}"
+                 if r["speedup"] else ""), flush=True)
+    return {"name": "edge_attribution", "n_prompts": len(prompts), "n_tokens": prompts.n_pos, "runs": runs}
+
+
+def _timed(fn: Any) -> float:
+    t = clock()
+    fn()
+    return clock() - t
+
+
+def _tl_sender(node: Any) -> str:
+    return {"embed": "input", "attn_head_out": f"L{node.layer}H{node.head}", "mlp_out": f"MLP{node.layer}"}[node.kind]
+
+
+def _tl_receiver(node: Any) -> str:
+    if node.kind in ("q_input", "k_input", "v_input"):
+        return f"L{node.layer}H{node.head}.{node.kind[0]}"
+    return f"MLP{node.layer}" if node.kind == "mlp_in" else "logits"
+
+
 def profile(model: Any, settings: dict, config: dict) -> None:
     """cProfile of hookpatch's two runs per setting: the top 10 entries by own time."""
     for name in config["settings"]:
@@ -338,6 +418,8 @@ def main() -> None:
         out["settings"].append(bench_setting(model, name, settings[name](), config, throughput))
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2))
+    out["settings"].append(bench_edge_attribution(model, settings["pronoun"](), config["tl_prompts"]))
+    Path(args.json).write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
