@@ -315,3 +315,37 @@ def _circuit_section(report: Report, model: Any, prompts: Any, metric: Any, prog
         "Edge colour: sign of the score (blue raises the normalized logit difference); width: |score|; "
         "dash: the receiving input (q solid, k dashed, v dotted).",
     )
+    _edge_comparison_section(report, model, prompts, metric, scores, progress)
+
+
+def edge_comparison_sentences(comparison: Any) -> str:
+    """Two sentences from an edge comparison: the agreement statistics with their CIs, and the
+    edge where attribution and exact patching disagree most."""
+    def stat(s: Any) -> str:
+        return f"{s.value:.2f} [{s.ci_low:.2f}, {s.ci_high:.2f}]"
+
+    worst = comparison.disagreements(1).iloc[0]
+    return (
+        f"On {len(comparison.edges)} edges (the top ones by |EAP-IG| and a random sample of the rest), EAP-IG "
+        f"against exact single-edge patching: Pearson {stat(comparison.pearson)}, Spearman "
+        f"{stat(comparison.spearman)}, sign agreement {stat(comparison.sign_agreement)}. They disagree most on "
+        f"{worst['edge']} (attribution {worst['attribution']:+.3g}, exact {worst['exact']:+.3g})."
+    )
+
+
+def _edge_comparison_section(report: Report, model: Any, prompts: Any, metric: Any, scores: Any,
+                             progress: bool) -> None:
+    """"Attribution vs patching, edge by edge": the EAP-IG scores checked against exact
+    single-edge patching on the top-scored edges and a random sample of the others."""
+    from hookpatch import views
+    from hookpatch.circuits import compare_edges
+
+    comparison = compare_edges(model, prompts, metric, scores, progress=progress)
+    sentences = edge_comparison_sentences(comparison)
+    report.summary.append("edges: " + sentences.split(". ")[0])
+    report.add(
+        "Attribution vs patching, edge by edge",
+        _figure(views.comparison_scatter(comparison)) + f"<p>{html.escape(sentences)}</p>",
+        "Each point is one edge: its EAP-IG score (x) against the change exact patching of that edge alone makes "
+        "(y), means over prompts; on the diagonal the first-order estimate is exact.",
+    )

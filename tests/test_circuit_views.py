@@ -5,6 +5,7 @@ draws is checked against the circuit's own edges and scores or the curve's own n
 from __future__ import annotations
 
 import dataclasses
+import html
 import re
 
 import jaxtyping
@@ -208,13 +209,20 @@ def test_report_circuit_section_on_the_organism(task, monkeypatch):
 
     spy("edge_attribution")
     spy("faithfulness_curve")
+    spy("compare_edges")
     model = hookpatch.load_model("organism")
     prompts = hookpatch.pronoun_prompts(model, n=8) if task == "pronoun" else ioi_prompts(model, 4)
     metric = Normalized.from_model(model, LogitDiff(prompts))
     report = Report("t")
     _circuit_section(report, model, prompts, metric, progress=False)
-    ((title, body),) = report.sections
+    (title, body), (cmp_title, cmp_body) = report.sections
     assert title == "Circuit" and body.count("Plotly.newPlot") == 2
+    # the edge-level check: EAP-IG against exact single-edge patching, numbers from the comparison
+    _, comparison = calls["compare_edges"]
+    assert cmp_title == "Attribution vs patching, edge by edge" and cmp_body.count("Plotly.newPlot") == 1
+    c = comparison
+    assert (f"Pearson {c.pearson.value:.2f} [{c.pearson.ci_low:.2f}, {c.pearson.ci_high:.2f}]" in cmp_body
+            and f"On {len(c.edges)} edges" in cmp_body and html.escape(c.disagreements(1).iloc[0]["edge"]) in cmp_body)
     assert not re.search(r"<script[^>]+src=", body)
     attr_kwargs, _ = calls["edge_attribution"]
     assert attr_kwargs == {"method": "eap-ig", "steps": 5, "progress": False}

@@ -228,20 +228,36 @@ def _gradients_at(
 
 def scores(
     g: Graph, deltas: Float[Tensor, "sender batch pos d_model"], grads: dict[tuple[int, str], Tensor],
-    per_position: bool,
+    per_position: bool, chunk: int = 64,
 ) -> Tensor:
     """``Δ_s · gradient`` of every edge in ``g.edges`` order: ``[edge, batch]`` summed over
-    positions, or ``[edge, pos, batch]``."""
+    positions, or ``[edge, pos, batch]``. One batched matmul per ``chunk`` receivers: every
+    sender against every receiver, ``[batch, sender, (pos ·) d_model] @ [batch, (pos ·) d_model,
+    receiver]``, of which each receiver keeps its prefix of senders."""
+    S, B, P, d = deltas.shape
+    if per_position:  # rows are (batch, position) pairs; contract d_model only
+        left = deltas.float().permute(1, 2, 0, 3).reshape(B * P, S, d)  # [B * P, S, d]
+    else:  # contract positions and d_model together
+        left = deltas.float().permute(1, 0, 2, 3).reshape(B, S, P * d)  # [B, S, P * d]
+    blocks = g._blocks
     out = []
-    keep = "bp" if per_position else "b"
-    for receiver, _, count in g._blocks:
-        site = (receiver.layer, receiver.input)
-        grad = grads[site]
-        if receiver.input in ("q", "k", "v"):
-            grad = grad[:, :, _head(receiver)]  # [batch, pos, d_model]
-        d = deltas[:count]  # the senders this receiver reads: a prefix
-        score = torch.einsum(f"sbpd,bpd->s{keep}", d.float(), grad.float())  # [count, batch(, pos)]
-        out.append(score.transpose(1, 2) if per_position else score)
+    for lo in range(0, len(blocks), chunk):
+        part = blocks[lo : lo + chunk]
+        columns = []
+        for receiver, _, _ in part:
+            grad = grads[(receiver.layer, receiver.input)]
+            if receiver.input in ("q", "k", "v"):
+                grad = grad[:, :, _head(receiver)]  # [B, pos, d_model]
+            columns.append(grad.float())
+        right = torch.stack(columns, -1)  # [B, pos, d_model, R]
+        right = right.reshape(B * P, d, -1) if per_position else right.reshape(B, P * d, -1)
+        product = torch.bmm(left, right)  # [rows, S, R]
+        for j, (_, _, count) in enumerate(part):
+            block = product[:, :count, j]  # [rows, count]
+            if per_position:
+                out.append(block.view(B, P, count).permute(2, 1, 0))  # [count, pos, batch]
+            else:
+                out.append(block.transpose(0, 1))  # [count, batch]
     return torch.cat(out)
 
 

@@ -24,6 +24,8 @@ METHOD_TITLES = {
     "resample": "Resample ablation",
     "attribution": "Attribution patching",
     "integrated_gradients": "Integrated gradients",
+    "eap": "EAP",
+    "eap_ig": "EAP-IG",
     "logit_lens": "Logit lens",
     "dla": "Direct logit attribution",
     "dla_heads": "Direct logit attribution by head",

@@ -15,7 +15,8 @@ from hookpatch.views._common import METHOD_TITLES, metric_name
 
 
 def comparison_scatter(comparison: Comparison, *, title: str | None = None) -> go.Figure:
-    """Scatter of a :class:`~hookpatch.attribution._compare.Comparison`, cell by cell.
+    """Scatter of a :class:`~hookpatch.attribution._compare.Comparison`, cell by cell (or of
+    :func:`hookpatch.circuits.compare_edges`' edge comparison, edge by edge).
 
     Example:
         >>> cmp = compare(model, prompts, LogitDiff(prompts), "z", by=("layer", "head"))
@@ -28,11 +29,13 @@ def comparison_scatter(comparison: Comparison, *, title: str | None = None) -> g
     df = comparison.to_dataframe()
     method = METHOD_TITLES.get(comparison.attribution.provenance.method, "Attribution")
     name = metric_name(comparison.activation)
-    x, y = df["attribution"].tolist(), df["activation"].tolist()
+    exact = "activation" if "activation" in df else "exact"  # an edge comparison's exact patching effects
+    cells = df["label"] if "label" in df else df["edge"]
+    x, y = df["attribution"].tolist(), df[exact].tolist()
     lo, hi = min(x + y), max(x + y)
     fig = go.Figure()
     fig.add_trace(go.Scatter(
-        x=x, y=y, mode="markers", name="cells", text=df["label"].tolist(),
+        x=x, y=y, mode="markers", name="cells", text=cells.tolist(),
         hovertemplate="%{text}<br>attribution %{x:.4g}<br>activation %{y:.4g}<extra></extra>",
     ))
     fig.add_trace(go.Scatter(
