@@ -27,7 +27,7 @@ over ``("edge",)`` (or ``("edge", "pos")`` per position), labelled by edge
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -37,10 +37,9 @@ from tqdm.auto import tqdm
 
 from hookpatch._checks import IntLike, as_int, as_metric, metric_name, require_finite_result
 from hookpatch._provenance import Provenance, run_facts
-from hookpatch.attribution._sites import _checked, release_graphs, run_metric
+from hookpatch.attribution._sites import _checked, capture, release_graphs, run_metric
 from hookpatch.circuits._edits import head_delta
 from hookpatch.circuits._graph import Graph, Receiver, as_graph
-from hookpatch.circuits._senders import cache_names
 from hookpatch.errors import HookpatchError
 from hookpatch.metrics._base import Metric
 from hookpatch.model._facts import hook_flags, hook_name, resid_entering
@@ -101,19 +100,19 @@ def edge_attribution(
     target_tokens, source_tokens = prompts.corrupted_tokens, prompts.clean_tokens
     if direction == "noising":
         target_tokens, source_tokens = source_tokens, target_tokens
-    names = cache_names(g.facts.n_layers)
-    with torch.no_grad():
-        t_logits, t_cache = model.run_with_cache(target_tokens, names_filter=names)
-        s_logits, s_cache = model.run_with_cache(source_tokens, names_filter=names)
-        target_values, source_values = metric(t_logits).float().cpu(), metric(s_logits).float().cpu()
-        del t_logits, s_logits
-        deltas = sender_deltas(model, g, t_cache, s_cache)  # [sender, batch, pos, d_model]
-        first = hook_name("resid_pre", 0)
-        shift = s_cache[first] - t_cache[first]  # [batch, pos, d_model]: the input embeddings' difference
+    n = g.facts.n_layers
+    first = hook_name("resid_pre", 0)
+    names = [first] + [hook_name(c, layer) for layer in range(n) for c in ("z", "mlp_out")]  # the senders' outputs
+    source_values, s_cache = capture(model, source_tokens, names, metric)  # stops at the unembedding's input
     try:
-        grads = receiver_gradients(model, g, metric, target_tokens, shift, n_steps, progress)
+        grads, target_values, t_cache = receiver_gradients(
+            model, g, metric, target_tokens, s_cache[first], n_steps, progress, keep=names
+        )
     finally:
         release_graphs(model)
+    with torch.no_grad():
+        deltas = sender_deltas(model, g, t_cache, s_cache)  # [sender, batch, pos, d_model]
+    source_values, target_values = source_values.cpu(), target_values.cpu()
     values = scores(g, deltas, grads, per_position).cpu()  # [edge, (pos,) batch]
     clean, corrupted = (source_values, target_values) if direction == "denoising" else (target_values, source_values)
     provenance = Provenance(
@@ -149,42 +148,74 @@ def sender_deltas(model: Any, g: Graph, target: Any, source: Any) -> Float[Tenso
     return torch.stack(out)
 
 
-# (receiver input, hook component) per receiver class; heads' inputs are per-head copies
-_HOOKS = {"q": "q_input", "k": "k_input", "v": "v_input", "mlp": "mlp_in"}
-
-
 def receiver_gradients(
     model: Any,
     g: Graph,
     metric: Metric,
     tokens: Tensor,
-    shift: Float[Tensor, "batch pos d_model"],
+    source_input: Float[Tensor, "batch pos d_model"],
     n_steps: int,
     progress: bool,
-) -> dict[tuple[int, str], Tensor]:
+    keep: Sequence[str] = (),
+) -> tuple[dict[tuple[int, str], Tensor], Float[Tensor, " batch"], dict[str, Tensor]]:
     """The metric's gradient at every receiver input, per site ``(layer, input)``: ``[batch,
     pos, head, d_model]`` for q/k/v (KV heads for k/v), ``[batch, pos, d_model]`` for an MLP's
     input and the logits' (the final residual stream); averaged over the EAP-IG points
-    ``alpha = k / n_steps`` of the input embeddings ``target + alpha · shift`` (only
-    ``alpha = 0``, the target run itself, for EAP)."""
+    ``alpha = k / n_steps`` of the input embeddings ``target + alpha (source_input - target)``
+    (only ``alpha = 0``, the target run itself, for EAP). Also the metric on the target run and
+    its activations at ``keep``, read in the first pass (``alpha = 0``)."""
     n = g.facts.n_layers
     sites: list[tuple[tuple[int, str], str]] = []
     for layer in range(n):
-        sites += [((layer, kind), hook_name(_HOOKS[kind], layer)) for kind in ("q", "k", "v")]
+        # a head's q/k/v projection output: the gradient at its own input follows by the chain rule
+        sites += [((layer, kind), hook_name(kind, layer)) for kind in ("q", "k", "v")]
+        sites.append(((layer, "input"), hook_name("resid_pre", layer)))  # kept, for ln1's Jacobian
         if g.has_mlps:
             sites.append(((layer, "mlp"), hook_name("mlp_in", layer)))
     sites.append(((n, "logits"), resid_entering(n, n)))
     total: dict[tuple[int, str], Tensor] = {}
+    target_values: Tensor | None = None
+    kept: dict[str, Tensor] = {}
+    shift = None
     bar = tqdm(total=n_steps, desc="edge attribution", disable=not progress, leave=False)
     try:
-        with hook_flags(model, ["q_input", "mlp_in"]):  # each head's own input copy, the MLP branch's input
+        with hook_flags(model, ["mlp_in"]):  # the MLP branch's own input
             for k in range(n_steps):
-                for site, grad in _gradients_at(model, metric, tokens, sites, k / n_steps, shift).items():
+                store = kept if k == 0 else None
+                grads, values = _gradients_at(model, metric, tokens, sites, k / n_steps, shift, store, keep)
+                if k == 0:
+                    target_values = values
+                    shift = source_input - grads[(0, "input")]  # the embeddings' difference
+                for site, grad in _head_input_gradients(model, n, grads).items():
                     total[site] = grad if site not in total else total[site] + grad
                 bar.update(1)
     finally:
         bar.close()
-    return {site: grad / n_steps for site, grad in total.items()}
+    assert target_values is not None
+    return {site: grad / n_steps for site, grad in total.items()}, target_values, kept
+
+
+def _head_input_gradients(model: Any, n_layers: int, grads: dict[tuple[int, str], Tensor]) -> dict[
+        tuple[int, str], Tensor]:
+    """Gradients at each head's own input, ``[batch, pos, head, d_model]``, from those at its
+    query, key and value (``attn.hook_q``/``hook_k``/``hook_v``, before q/k norms and rotary):
+    a head's projection is ``ln1(x) @ W[h] + b[h]`` of the block input ``x``, so the gradient
+    at its copy of ``x`` is ``ln1``'s Jacobian at ``x`` (transposed) applied to
+    ``grad @ W[h]^T`` — per head (per KV head for keys and values), without running the
+    model on a copy of the residual stream per head."""
+    out = {site: grad for site, grad in grads.items() if site[1] in ("mlp", "logits")}
+    for layer in range(n_layers):
+        block = model.blocks[layer]
+        x = grads[(layer, "input")]  # the block input itself (kept, not a gradient)
+        for kind, weight in (("q", block.attn.W_Q), ("k", block.attn.W_K), ("v", block.attn.W_V)):
+            grad = grads[(layer, kind)]  # [batch, pos, head, d_head]
+            with torch.no_grad():
+                upstream = torch.einsum("bphe,hde->bphd", grad, weight.detach().to(grad.dtype))
+            with torch.enable_grad():
+                copies = x.unsqueeze(2).expand(-1, -1, grad.shape[2], -1).clone().requires_grad_(True)
+                (vjp,) = torch.autograd.grad(block.ln1(copies), copies, grad_outputs=upstream.to(copies.dtype))
+            out[(layer, kind)] = vjp.detach()
+    return out
 
 
 def _gradients_at(
@@ -193,14 +224,22 @@ def _gradients_at(
     tokens: Tensor,
     sites: list[tuple[tuple[int, str], str]],
     alpha: float,
-    shift: Float[Tensor, "batch pos d_model"],
-) -> dict[tuple[int, str], Tensor]:
+    shift: Float[Tensor, "batch pos d_model"] | None,
+    store: dict[str, Tensor] | None = None,
+    keep: Sequence[str] = (),
+) -> tuple[dict[tuple[int, str], Tensor], Float[Tensor, " batch"]]:
     """One forward and backward with the input embeddings moved by ``alpha · shift``: the
-    metric's gradient at each receiver input (a zero leaf added to it, read by it alone)."""
+    metric's gradient at each receiver input (a zero leaf added to it, read by it alone), each
+    block's input (kept as it is), and the metric; with ``store``, copies of the activations at
+    ``keep`` go there."""
     leaves: dict[tuple[int, str], Tensor] = {}
+    kept: dict[tuple[int, str], Tensor] = {}
 
-    def leaf(site: tuple[int, str]) -> Callable[[Tensor, Any], Tensor]:
-        def hook(act: Tensor, hook: Any) -> Tensor:
+    def leaf(site: tuple[int, str]) -> Callable[[Tensor, Any], Tensor | None]:
+        def hook(act: Tensor, hook: Any) -> Tensor | None:
+            if site[1] == "input":  # the block input: kept for ln1's Jacobian, not differentiated
+                kept[site] = act.detach()
+                return None
             zero = torch.zeros_like(act, requires_grad=True)
             leaves[site] = zero
             return act + zero  # a new tensor: only this receiver reads it
@@ -208,22 +247,32 @@ def _gradients_at(
         return hook
 
     def interpolate(act: Tensor, hook: Any) -> Tensor:
+        assert shift is not None
         return act + alpha * shift.to(act.dtype)
 
-    hooks = [(name, leaf(site)) for site, name in sites]
+    def copy(name: str) -> Callable[[Tensor, Any], None]:
+        def hook(act: Tensor, hook: Any) -> None:
+            assert store is not None
+            store[name] = act.detach().clone()
+
+        return hook
+
+    hooks: list[tuple[str, Any]] = [(name, copy(name)) for name in keep] if store is not None else []
+    hooks += [(name, leaf(site)) for site, name in sites]
     if alpha:
         hooks = [(hook_name("resid_pre", 0), interpolate), *hooks]
     with torch.enable_grad():
         values = run_metric(model, tokens, metric, hooks, [name for _, name in sites])
         values = _checked(values, (int(tokens.shape[0]),), differentiable=True)
-        missing = [site for site, _ in sites if site not in leaves]
+        missing = [site for site, _ in sites if site not in leaves and site not in kept]
         if missing:
             raise HookpatchError(f"the receiver input at {missing[0]} did not fire; the graph cannot attribute "
                                  "this model.")
         keys = list(leaves)
         grads = torch.autograd.grad(values.sum(), [leaves[s] for s in keys], allow_unused=True)
-    return {site: torch.zeros_like(leaves[site]) if grad is None else grad.detach()
-            for site, grad in zip(keys, grads, strict=True)}
+    out = {site: torch.zeros_like(leaves[site]) if grad is None else grad.detach()
+           for site, grad in zip(keys, grads, strict=True)}
+    return {**out, **kept}, values.detach().float()
 
 
 def scores(

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float, Int, Shaped
 from torch import Tensor
 
 from hookpatch.circuits._graph import Node, Site
@@ -56,6 +56,10 @@ class ReceiverEdits(Protocol):
 
     def edit(self, site: Site, head: int, x: Float[Tensor, "rows pos d_model"]) -> Float[Tensor, "rows pos d_model"]:
         """Head ``head``'s new input at ``site`` given the current input ``x`` there."""
+        ...
+
+    def groups(self, site: Site, heads: list[int]) -> list[list[int]]:
+        """``heads`` grouped so that the heads of a group get the same edit at ``site``."""
         ...
 
     def start_layers(self, n_layers: int) -> Int[Tensor, " variant"]:
@@ -106,10 +110,9 @@ class AddEdits:
     target: Any
     weights: Mapping[Site, Float[Tensor, "variant sender head"]]
     pos_mask: Bool[Tensor, "variant batch pos"]
-    # sender index -> (the variants patching an edge from it, Δ_s for them [n, batch, pos, d_model])
-    _deltas: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
-    # "used": [V, sender] which variants patch an edge from each sender; "sum": [V, batch, pos,
-    # d_model] each variant's sum of the Δ_s seen so far
+    # "used": [V, sender] which variants patch an edge from each sender; "seen": [sender] whose
+    # Δ_s this forward has produced so far; "sum": [V, batch, pos, d_model] each variant's sum of
+    # them; "dense": [sender, V, batch, pos, d_model] each Δ_s (zero for variants not using it)
     _state: dict[str, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -159,19 +162,27 @@ class AddEdits:
 
     def _store(self, i: int, delta: Tensor, rows: Tensor | None = None) -> None:
         """Keep ``Δ_s`` of sender ``i`` for the variants ``rows`` using it (masked to each
-        variant's positions) and add it to those variants' running sum over senders so far."""
+        variant's positions) and add it to those variants' running sum over senders so far.
+        Memory: ``[sender, V, batch, pos, d_model]`` (counted in the planner's per-variant bytes)."""
         rows = self._users(i) if rows is None else rows
         mask = self.pos_mask[rows].unsqueeze(-1).to(delta.device, delta.dtype)  # [n, B, pos, 1]
         delta = delta * mask
-        self._deltas[i] = (rows, delta)
         total = self._state.get("sum")
         if total is None:
             total = self._state["sum"] = delta.new_zeros(self.n_variants, *delta.shape[1:])
+            # every sender's Δ_s for every variant, for gathering many (variant, sender) pairs at once
+            self._state["dense"] = delta.new_zeros(len(self.senders), self.n_variants, *delta.shape[1:])
+            self._state["seen"] = torch.zeros(len(self.senders), dtype=torch.bool)
+        self._state["seen"][i] = True
         total[rows] += delta
+        self._state["dense"][i, rows] = delta
 
     def touched(self, site: Site) -> list[int]:
         w = self.weights.get(site)
         return [] if w is None else w.ne(0).any(0).any(0).nonzero().flatten().tolist()
+
+    def groups(self, site: Site, heads: list[int]) -> list[list[int]]:
+        return _equal_columns(self.weights[site], heads)
 
     def edit(self, site: Site, head: int, x: Float[Tensor, "rows pos d_model"]) -> Float[Tensor, "rows pos d_model"]:
         """``x`` plus the weighted ``Δ_s`` of the edges into this head's input. Where the
@@ -180,22 +191,23 @@ class AddEdits:
         sum) minus those of the unpatched edges."""
         w = self.weights[site][:, :, head]  # [V, sender]
         out = x.reshape(self.n_variants, -1, *x.shape[1:]).clone()  # [V, B, pos, d_model]
-        seen = torch.zeros(w.shape[1], dtype=torch.bool)
-        seen[list(self._deltas)] = True
-        used = self._state.get("used")
-        binary = bool(((w == 0) | (w == 1)).all())
-        skipped = (w == 0) & seen & (used if used is not None else True)  # [V, sender]: seen, used, unpatched here
-        if binary and "sum" in self._state and int(skipped.sum()) < int(w.ne(0).sum()):
-            out += self._state["sum"].to(out.device, out.dtype)
-            for i in skipped.any(0).nonzero().flatten().tolist():
-                rows, delta = self._deltas[i]
-                out[rows] -= skipped[rows, i].to(out.device, out.dtype).view(-1, 1, 1, 1) * delta.to(out.device,
-                                                                                                   out.dtype)
+        if "dense" not in self._state:  # nothing seen yet: no edge into this input has a sender before it
             return out.flatten(0, 1)
-        for i in w.ne(0).any(0).nonzero().flatten().tolist():
-            rows, delta = self._deltas[i]
-            scale = w[rows, i].to(out.device, out.dtype).view(-1, 1, 1, 1)
-            out[rows] += scale * delta.to(out.device, out.dtype)
+        seen = self._state["seen"]
+        used = self._state["used"] & seen  # [V, sender]: in the running sum
+        weights = torch.where(seen, w, torch.zeros_like(w))  # unseen senders have no edge here
+        # per variant the shorter way: the patched edges' Δ_s, or the sum of all minus the unpatched
+        binary = ((weights == 0) | (weights == 1)).all(-1)  # [V]
+        skipped = used & (weights == 0)
+        complement = binary & (skipped.sum(-1) < weights.ne(0).sum(-1))  # [V]
+        coef = torch.where(complement.unsqueeze(-1), -skipped.to(w.dtype), weights)  # [V, sender]
+        if bool(complement.any()):
+            out[complement] += self._state["sum"][complement].to(out.device, out.dtype)
+        v, s = coef.nonzero(as_tuple=True)
+        if v.numel():
+            pairs = self._state["dense"][s.to(self._state["dense"].device), v]  # [pairs, B, pos, d_model]
+            scale = coef[v, s].to(out.device, out.dtype).view(-1, *([1] * (pairs.ndim - 1)))
+            out.index_add_(0, v.to(out.device), (scale * pairs.to(out.device, out.dtype)))
         return out.flatten(0, 1)
 
     def start_layers(self, n_layers: int) -> Int[Tensor, " variant"]:
@@ -251,6 +263,9 @@ class SetEdits:
     def observe(self, layer: int, point: str, act: Tensor) -> None:
         raise AssertionError("SetEdits observe nothing")
 
+    def groups(self, site: Site, heads: list[int]) -> list[list[int]]:
+        return _equal_columns(self.heads[site].unsqueeze(1), heads)
+
     def touched(self, site: Site) -> list[int]:
         h = self.heads.get(site)
         return [] if h is None else h.any(0).nonzero().flatten().tolist()
@@ -268,6 +283,20 @@ class SetEdits:
 
     def first_positions(self) -> Int[Tensor, "variant batch"]:
         return _first_true(self.pos_mask)
+
+
+def _equal_columns(weights: Shaped[Tensor, "variant sender head"], heads: list[int]) -> list[list[int]]:
+    """``heads`` grouped by equal weight columns ``weights[:, :, h]`` (in first-seen order)."""
+    groups: list[tuple[Tensor, list[int]]] = []
+    for h in heads:
+        column = weights[:, :, h]
+        for key, members in groups:
+            if torch.equal(key, column):
+                members.append(h)
+                break
+        else:
+            groups.append((column, [h]))
+    return [members for _, members in groups]
 
 
 _KIND_ORDER = {"q": 0, "k": 1, "v": 2, "mlp": 3, "logits": 4}

@@ -364,6 +364,8 @@ class _Context:
         B, P = len(self.prompts), self.prompts.n_pos
         per_variant = self.runner.bytes_per_variant(f, self.metric, "resid_pre", B, P)
         per_variant += 4 * B * P * f.d_model * (3 * f.n_layers + 2)  # edits, recorded inputs, the first run's sums
+        if semantics == "direct":  # every sender's output difference, per variant
+            per_variant += 4 * B * P * f.d_model * (1 + f.n_layers * (f.n_heads + 1))
         size = memory_budget // max(per_variant, 1)
         if self.runner.chunk_pairs is not None:  # the runner's cap on computed (row, position) pairs
             size = min(size, self.runner.chunk_pairs // (B * P))

@@ -353,12 +353,12 @@ def _edit_heads(
     act: Tensor, hook: Any,
 ) -> Tensor:
     """``attn.hook_q``/``hook_k``/``hook_v`` (``[rows, pos, head, d_head]``) with each edited
-    head's entry recomputed from its own edited input."""
+    head's entry recomputed from its own edited input (once for heads whose edits are equal)."""
     layer, kind = site
     x = kept[layer]  # [rows, pos, d_model]
     out = act.clone()
-    for h in heads:
-        out[:, :, h] = fast.head_input_projection(layer, kind, h, edits.edit(site, h, x))
+    for group in edits.groups(site, heads):  # heads whose inputs get the same edit share one projection
+        out[:, :, group] = fast.head_input_projection(layer, kind, group, edits.edit(site, group[0], x))
     return out
 
 

@@ -182,19 +182,22 @@ class FastForward:
         return _block.finish(resid, act, w, {}, None)
 
     def head_input_projection(
-        self, layer: int, kind: str, head: int, x: Float[Tensor, "*rows d_model"]
-    ) -> Float[Tensor, "*rows d_head"]:
+        self, layer: int, kind: str, head: int | Sequence[int], x: Float[Tensor, "*rows d_model"]
+    ) -> Float[Tensor, "*rows d_head"] | Float[Tensor, "*rows n d_head"]:
         """What head ``head``'s ``kind`` projection (``"q"``, ``"k"`` or ``"v"``; a KV head for
         k/v) makes of its own input ``x`` in block ``layer``: ``ln1(x)`` through that head's
         rows of the projection, as ``attn.hook_q``/``hook_k``/``hook_v`` hold it (before q/k
         norms and rotary). Lets a runner give one head its own input without materialising a
-        per-head copy of the residual stream for every head."""
+        per-head copy of the residual stream for every head. With a list of heads sharing the
+        input, ``[..., n, d_head]`` for them all (one ``ln1`` and one matmul)."""
         w = self._weights.layers[layer]
         proj = getattr(w, kind)
         d = self.d_head
-        rows = slice(head * d, (head + 1) * d)
+        heads = [head] if isinstance(head, int) else list(head)
+        rows = torch.cat([torch.arange(h * d, (h + 1) * d) for h in heads]).to(proj.weight.device)
         bias = None if proj.bias is None else proj.bias[rows]
-        return torch.nn.functional.linear(w.ln1(x), proj.weight[rows], bias)
+        out = torch.nn.functional.linear(w.ln1(x), proj.weight[rows], bias)
+        return out if isinstance(head, int) else out.unflatten(-1, (len(heads), d))
 
     def heads_z(
         self,
