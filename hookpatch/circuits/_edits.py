@@ -112,7 +112,8 @@ class AddEdits:
     pos_mask: Bool[Tensor, "variant batch pos"]
     # "used": [V, sender] which variants patch an edge from each sender; "seen": [sender] whose
     # Δ_s this forward has produced so far; "sum": [V, batch, pos, d_model] each variant's sum of
-    # them; "dense": [sender, V, batch, pos, d_model] each Δ_s (zero for variants not using it)
+    # them; "pairs": [n, batch, pos, d_model] Δ_s of each used (sender, variant) pair, at row
+    # "slot"[sender, variant]
     _state: dict[str, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -163,19 +164,23 @@ class AddEdits:
     def _store(self, i: int, delta: Tensor, rows: Tensor | None = None) -> None:
         """Keep ``Δ_s`` of sender ``i`` for the variants ``rows`` using it (masked to each
         variant's positions) and add it to those variants' running sum over senders so far.
-        Memory: ``[sender, V, batch, pos, d_model]`` (counted in the planner's per-variant bytes)."""
+        Memory: one ``[batch, pos, d_model]`` per used (sender, variant) pair."""
         rows = self._users(i) if rows is None else rows
         mask = self.pos_mask[rows].unsqueeze(-1).to(delta.device, delta.dtype)  # [n, B, pos, 1]
         delta = delta * mask
         total = self._state.get("sum")
         if total is None:
             total = self._state["sum"] = delta.new_zeros(self.n_variants, *delta.shape[1:])
-            # every sender's Δ_s for every variant, for gathering many (variant, sender) pairs at once
-            self._state["dense"] = delta.new_zeros(len(self.senders), self.n_variants, *delta.shape[1:])
+            # Δ_s of every (sender, variant) pair some edge uses, one row each, for gathering many at once
+            used = self._state["used"].T  # [sender, V]
+            slot = torch.full(used.shape, -1, dtype=torch.long)
+            slot[used] = torch.arange(int(used.sum()))
+            self._state["slot"] = slot
+            self._state["pairs"] = delta.new_zeros(int(used.sum()), *delta.shape[1:])
             self._state["seen"] = torch.zeros(len(self.senders), dtype=torch.bool)
         self._state["seen"][i] = True
         total[rows] += delta
-        self._state["dense"][i, rows] = delta
+        self._state["pairs"][self._state["slot"][i, rows.cpu()].to(delta.device)] = delta
 
     def touched(self, site: Site) -> list[int]:
         w = self.weights.get(site)
@@ -191,7 +196,7 @@ class AddEdits:
         sum) minus those of the unpatched edges."""
         w = self.weights[site][:, :, head]  # [V, sender]
         out = x.reshape(self.n_variants, -1, *x.shape[1:]).clone()  # [V, B, pos, d_model]
-        if "dense" not in self._state:  # nothing seen yet: no edge into this input has a sender before it
+        if "pairs" not in self._state:  # nothing seen yet: no edge into this input has a sender before it
             return out.flatten(0, 1)
         seen = self._state["seen"]
         used = self._state["used"] & seen  # [V, sender]: in the running sum
@@ -205,7 +210,8 @@ class AddEdits:
             out[complement] += self._state["sum"][complement].to(out.device, out.dtype)
         v, s = coef.nonzero(as_tuple=True)
         if v.numel():
-            pairs = self._state["dense"][s.to(self._state["dense"].device), v]  # [pairs, B, pos, d_model]
+            store = self._state["pairs"]
+            pairs = store[self._state["slot"][s, v].to(store.device)]  # [pairs, B, pos, d_model]
             scale = coef[v, s].to(out.device, out.dtype).view(-1, *([1] * (pairs.ndim - 1)))
             out.index_add_(0, v.to(out.device), (scale * pairs.to(out.device, out.dtype)))
         return out.flatten(0, 1)
