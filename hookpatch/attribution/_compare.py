@@ -22,7 +22,7 @@ Cost: the two sweeps, plus ``n_resamples × cells × batch`` numbers for the boo
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -208,33 +208,53 @@ def compare_results(
     effect = activation.effect().float().cpu()  # patched − corrupted (denoising) or − clean (noising)
     act = effect.reshape(n_cells, -1)
     att = attribution.values.float().cpu().reshape(n_cells, -1)
-    batch = act.shape[-1]
+    stats = bootstrap_statistics(act, att, k=k, sign_tol=sign_tol, level=level, n_resamples=n_resamples, seed=seed)
+    return Comparison(
+        activation=activation, attribution=attribution, activation_effect=effect, k=k,
+        sign_tol=sign_tol, level=level, n_resamples=n_resamples, seed=seed, **stats,
+    )
 
+
+def bootstrap_statistics(
+    exact: Float[Tensor, "cell batch"],
+    estimate: Float[Tensor, "cell batch"],
+    *,
+    k: int,
+    sign_tol: float,
+    level: float,
+    n_resamples: int,
+    seed: int,
+) -> dict[str, Statistic]:
+    """The four statistics of the cell means and their paired percentile bootstrap CIs.
+
+    Prompts are resampled with
+    replacement from the generator ``derive_generator(seed, "hookpatch.compare")``, both
+    methods' cell means recomputed on the same resample, the statistic taken per resample,
+    NaNs (a constant resample) dropped, and the ``(1 − level)/2`` quantiles reported.
+    """
     from transformer_lens.utilities.statistics import derive_generator
 
+    batch = exact.shape[-1]
     generator = derive_generator(seed, "hookpatch.compare")
     idx = torch.randint(batch, (n_resamples, batch), generator=generator)
-    boot_act = act[:, idx].mean(-1).T  # [resample, cell]
-    boot_att = att[:, idx].mean(-1).T
-    point_act, point_att = act.mean(-1)[None], att.mean(-1)[None]
-    fns = {
+    boot_exact, boot_est = exact[:, idx].mean(-1).T, estimate[:, idx].mean(-1).T  # [resample, cell]
+    point_exact, point_est = exact.mean(-1)[None], estimate.mean(-1)[None]
+    fns: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
         "pearson": pearson,
         "spearman": spearman,
         "top_k_overlap": lambda a, b: top_k_overlap(a, b, k),
         "sign_agreement": lambda a, b: sign_agreement(a, b, sign_tol),
     }
-    stats = {}
     q = torch.tensor([(1 - level) / 2, 1 - (1 - level) / 2], dtype=torch.float64)
-    for name, fn in fns.items():
-        value = float(fn(point_act, point_att)[0])
-        boot = fn(boot_act, boot_att).double()
+    out = {}
+    for name in STATISTICS:
+        fn = fns[name]
+        value = float(fn(point_exact, point_est)[0])
+        boot = fn(boot_exact, boot_est).double()
         boot = boot[~boot.isnan()]
         low, high = torch.quantile(boot, q).tolist() if len(boot) else (float("nan"), float("nan"))
-        stats[name] = Statistic(value, low, high)
-    return Comparison(
-        activation=activation, attribution=attribution, activation_effect=effect, k=k,
-        sign_tol=sign_tol, level=level, n_resamples=n_resamples, seed=seed, **stats,
-    )
+        out[name] = Statistic(value, low, high)
+    return out
 
 
 def _check_statistics(

@@ -37,14 +37,9 @@ from torch import Tensor
 
 from hookpatch._checks import IntLike, as_int, as_metric
 from hookpatch.attribution._compare import (
-    STATISTICS,
     Comparison,
-    Statistic,
     _check_statistics,
-    pearson,
-    sign_agreement,
-    spearman,
-    top_k_overlap,
+    bootstrap_statistics,
 )
 from hookpatch.circuits._attribution import DIRECTIONS, edge_attribution
 from hookpatch.circuits._graph import Graph, as_graph
@@ -217,48 +212,6 @@ def compare_edges(
         activation=exact, attribution=estimate, activation_effect=effect, k=k, sign_tol=sign_tol, level=level,
         n_resamples=n_resamples, seed=seed, edges=labels, selected=selected, scores=scores, **stats,
     )
-
-
-def bootstrap_statistics(
-    exact: Float[Tensor, "cell batch"],
-    estimate: Float[Tensor, "cell batch"],
-    *,
-    k: int,
-    sign_tol: float,
-    level: float,
-    n_resamples: int,
-    seed: int,
-) -> dict[str, Statistic]:
-    """The four statistics of the cell means and their paired percentile bootstrap CIs.
-
-    As in :func:`hookpatch.attribution.compare_results`: prompts are resampled with
-    replacement from the generator ``derive_generator(seed, "hookpatch.compare")``, both
-    methods' cell means recomputed on the same resample, the statistic taken per resample,
-    NaNs (a constant resample) dropped, and the ``(1 − level)/2`` quantiles reported.
-    """
-    from transformer_lens.utilities.statistics import derive_generator
-
-    batch = exact.shape[-1]
-    generator = derive_generator(seed, "hookpatch.compare")
-    idx = torch.randint(batch, (n_resamples, batch), generator=generator)
-    boot_exact, boot_est = exact[:, idx].mean(-1).T, estimate[:, idx].mean(-1).T  # [resample, cell]
-    point_exact, point_est = exact.mean(-1)[None], estimate.mean(-1)[None]
-    fns: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-        "pearson": pearson,
-        "spearman": spearman,
-        "top_k_overlap": lambda a, b: top_k_overlap(a, b, k),
-        "sign_agreement": lambda a, b: sign_agreement(a, b, sign_tol),
-    }
-    q = torch.tensor([(1 - level) / 2, 1 - (1 - level) / 2], dtype=torch.float64)
-    out = {}
-    for name in STATISTICS:
-        fn = fns[name]
-        value = float(fn(point_exact, point_est)[0])
-        boot = fn(boot_exact, boot_est).double()
-        boot = boot[~boot.isnan()]
-        low, high = torch.quantile(boot, q).tolist() if len(boot) else (float("nan"), float("nan"))
-        out[name] = Statistic(value, low, high)
-    return out
 
 
 def _check_scores(scores: Any, g: Graph, prompts: PromptSet, direction: str) -> None:

@@ -2,8 +2,10 @@
 
 - :func:`edge_patch` — patch a set of edges (or several sets, one row each) exactly: every
   receiver's input becomes its input in the run being patched plus, for each patched edge
-  into it, the sender's output difference between the two runs. One edge of a head into a
-  later head's query is TransformerLens's direct path patching.
+  into it, the sender's output in the other run minus its output in this same forward (so
+  with every edge patched each node reads what it read in the other run, and the metric is
+  the other run's). One edge of a head into a later head's query is TransformerLens's direct
+  path patching.
 - :func:`path_patch_sweep` — every sender of a grid into a set of receivers (which heads change
   the name movers' queries?), with ``semantics="direct"`` (the edges alone) or ``"ioi"`` (the
   IOI paper's path patching: the sender patched while every other head is frozen, the

@@ -2,10 +2,12 @@
 
 A sender's output is what it adds to the residual stream: the embeddings for the input, its
 share of the attention output for a head, the MLP's output for an MLP. Its *difference* between
-a source and a target run (``Δ_s``, ``[batch, pos, d_model]``) is what edge patching adds to a
-receiver's input. For a head it is the change of its block's attention output when that head
-alone takes the source run's z (``(z_S - z_T)[h] @ W_O[h]`` where no norm follows attention;
-through the post-attention norm on Gemma 2/3, where heads do not add up on their own).
+a source run and a target run (``Δ_s``, ``[batch, pos, d_model]``) is what edge attribution
+multiplies by a gradient, and what edge patching adds to a receiver's input (there with the
+target side taken in the patched forward itself). For a head it is the change of its block's
+attention output when that head alone takes the source run's z (``(z_S - z_T)[h] @ W_O[h]``
+where no norm follows attention; through the post-attention norm on Gemma 2/3, where heads do
+not add up on their own).
 
 :func:`frozen_run_inputs` is the first run of path patching as in the IOI paper: the senders take
 the source run's outputs while every other head is frozen to the target run, so the residual

@@ -119,3 +119,14 @@ def heatmap(
                "tickvals": y_labels, "ticktext": y_labels},
     )
     return fig
+
+
+def label_facets(fig: go.Figure, positions: list[str], layers: list[str], rows: int, cols: int) -> None:
+    """Category axes for a grid of layer × position heatmaps (one per head): positions along
+    x, layers down y (layer 0 on top), axis titles on the outer facets only."""
+    fig.update_xaxes(type="category", tickvals=positions, ticktext=positions)
+    fig.update_yaxes(type="category", autorange="reversed", tickvals=layers, ticktext=layers)
+    for c in range(1, cols + 1):
+        fig.update_xaxes(title_text="Position", row=rows, col=c)
+    for r in range(1, rows + 1):
+        fig.update_yaxes(title_text="Layer", row=r, col=1)

@@ -16,7 +16,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from hookpatch.results import SweepResult
-from hookpatch.views._common import default_title, heatmap, require_axes, value_title
+from hookpatch.views._common import default_title, heatmap, label_facets, require_axes, value_title
 from hookpatch.views._effects import with_effect_hover
 
 FACETS_PER_ROW = 4
@@ -60,12 +60,7 @@ def _head_facets(result: SweepResult, title: str | None) -> go.Figure:
             ),
             row=h // cols + 1, col=h % cols + 1,
         )
-    fig.update_xaxes(type="category", tickvals=positions, ticktext=positions)
-    fig.update_yaxes(type="category", autorange="reversed", tickvals=layers, ticktext=layers)
-    for c in range(1, cols + 1):
-        fig.update_xaxes(title_text="Position", row=rows, col=c)
-    for r in range(1, rows + 1):
-        fig.update_yaxes(title_text="Layer", row=r, col=1)
+    label_facets(fig, positions, layers, rows, cols)
     fig.update_layout(
         title={"text": title if title is not None else default_title(result)},
         coloraxis={"colorscale": "RdBu", "cmid": 0.0, "colorbar": {"title": {"text": value_title(result)}}},

@@ -23,7 +23,7 @@ from hookpatch._checks import IntLike, as_count
 from hookpatch._effects import Effects
 from hookpatch.errors import HookpatchError
 from hookpatch.results import SweepResult
-from hookpatch.views._common import axis_title, metric_name, normalized, require_axes
+from hookpatch.views._common import axis_title, label_facets, metric_name, normalized, require_axes
 
 HEATMAP_GRIDS = (("layer", "head"), ("layer", "pos", "head"), ("sender", "receiver"))
 BAR_GRIDS = (("layer", "head"), ("layer", "pos", "head"), ("sender",), ("sender", "receiver"))
@@ -196,12 +196,7 @@ def _head_facets(result: SweepResult, eff: Effects, title: str) -> go.Figure:
             ),
             row=h // cols + 1, col=h % cols + 1,
         )
-    fig.update_xaxes(type="category", tickvals=positions, ticktext=positions)
-    fig.update_yaxes(type="category", autorange="reversed", tickvals=layers, ticktext=layers)
-    for c in range(1, cols + 1):
-        fig.update_xaxes(title_text="Position", row=rows, col=c)
-    for r in range(1, rows + 1):
-        fig.update_yaxes(title_text="Layer", row=r, col=1)
+    label_facets(fig, positions, layers, rows, cols)
     fig.update_layout(
         title={"text": title},
         coloraxis={"colorscale": "RdBu", "cmid": 0.0, "colorbar": {"title": {"text": effect_title(result, eff)}}},
