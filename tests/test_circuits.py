@@ -72,6 +72,9 @@ def test_graph_of_gpt2_and_gqa(gpt2_model, llama_model):
     assert pickle.loads(pickle.dumps(gq)).edges == gq.edges
     assert gq.n_edges == len(gq.edges)
     assert all(gq.edge_at(i) == e and gq.index(e) == i for i, e in enumerate(gq.edges))
+    receivers, senders = gq.edge_ends(torch.arange(gq.n_edges))
+    assert [(gq.senders[s], gq.receivers[r]) for s, r in zip(senders.tolist(), receivers.tolist(), strict=True)] == [
+        (e.sender, e.receiver) for e in gq.edges]
     assert all(sends_to(e.sender, e.receiver) for e in gq.edges)
     assert len(gq.edges) == sum(sends_to(s, r) for s in gq.senders for r in gq.receivers)
 

@@ -176,7 +176,8 @@ class AddEdits:
             slot = torch.full(used.shape, -1, dtype=torch.long)
             slot[used] = torch.arange(int(used.sum()))
             self._state["slot"] = slot
-            self._state["pairs"] = delta.new_zeros(int(used.sum()), *delta.shape[1:])
+            # every row is written when its sender is seen, before any edit reads it
+            self._state["pairs"] = delta.new_empty(int(used.sum()), *delta.shape[1:])
             self._state["seen"] = torch.zeros(len(self.senders), dtype=torch.bool)
         self._state["seen"][i] = True
         total[rows] += delta

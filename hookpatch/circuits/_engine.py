@@ -121,17 +121,21 @@ def _add_edits(
     pos_mask: Bool[Tensor, "variant batch pos"],
 ) -> AddEdits:
     graph = context.graph
-    edges = [[graph.edge_at(i) for i in v.edges] for v in variants]
-    senders = sorted({e.sender for es in edges for e in es})
-    where = {s: i for i, s in enumerate(senders)}
+    rows = torch.cat([torch.full((len(v.edges),), i, dtype=torch.long) for i, v in enumerate(variants)])
+    index = torch.tensor([e for v in variants for e in v.edges], dtype=torch.long)  # [pairs]
+    receiver, sender = graph.edge_ends(index)  # indices into graph.receivers and graph.senders
+    used = torch.unique(sender)  # the senders any variant patches an edge from, in graph order
+    senders = [graph.senders[i] for i in used.tolist()]
+    local = torch.searchsorted(used, sender)  # each pair's sender among them
     weights: dict[Site, Tensor] = {}
-    for v, es in enumerate(edges):
-        for e in es:
-            site = site_of(e.receiver)
-            w = weights.get(site)
-            if w is None:
-                w = weights[site] = torch.zeros(len(variants), len(senders), _heads_at(graph, e.receiver.input))
-            w[v, where[e.sender], e.receiver.head or 0] = 1
+    for r in torch.unique(receiver).tolist():  # receivers grouped into sites: a layer's q, k, v, MLP, logits
+        target_receiver = graph.receivers[r]
+        site = site_of(target_receiver)
+        w = weights.get(site)
+        if w is None:
+            w = weights[site] = torch.zeros(len(variants), len(senders), _heads_at(graph, target_receiver.input))
+        at = receiver == r
+        w[rows[at], local[at], target_receiver.head or 0] = 1
     return AddEdits(context.model, tuple(senders), source.cache, target.cache, weights, pos_mask)
 
 

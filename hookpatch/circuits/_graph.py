@@ -29,6 +29,10 @@ from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from typing import Any, Literal
 
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
 from hookpatch.errors import HookpatchError
 from hookpatch.model._facts import ModelFacts, model_facts
 
@@ -202,6 +206,15 @@ class Graph:
                 self.edge(e)  # raises, saying why
             out.append(start + at)  # type: ignore[operator]
         return out
+
+    def edge_ends(self, index: Int[Tensor, " n"]) -> tuple[Int[Tensor, " n"], Int[Tensor, " n"]]:
+        """For edge indices, the indices of their receivers in :attr:`receivers` and of their
+        senders in :attr:`senders` (vectorized :meth:`edge_at`)."""
+        starts = torch.tensor(self._block_starts, dtype=torch.long)
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.n_edges):
+            raise HookpatchError(f"edge indices must lie in 0..{self.n_edges - 1}.")
+        receiver = torch.searchsorted(starts, index, right=True) - 1
+        return receiver, index - starts[receiver]
 
     def edge_at(self, index: int) -> Edge:
         """``edges[index]``, without building the list of every edge."""
