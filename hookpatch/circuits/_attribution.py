@@ -38,8 +38,8 @@ from tqdm.auto import tqdm
 from hookpatch._checks import IntLike, as_int, as_metric, metric_name, require_finite_result
 from hookpatch._provenance import Provenance, run_facts
 from hookpatch.attribution._sites import _checked, capture, release_graphs, run_metric
-from hookpatch.circuits._edits import head_delta
 from hookpatch.circuits._graph import Graph, Receiver, as_graph
+from hookpatch.circuits._senders import head_delta
 from hookpatch.errors import HookpatchError
 from hookpatch.metrics._base import Metric
 from hookpatch.model._facts import hook_flags, hook_name, resid_entering
@@ -132,7 +132,7 @@ def edge_attribution(
 
 def sender_deltas(model: Any, g: Graph, target: Any, source: Any) -> Float[Tensor, "sender batch pos d_model"]:
     """``Δ_s`` of every sender in ``g.senders`` order: its output in the source run minus in
-    the target run (a head's through :func:`~hookpatch.circuits._edits.head_delta`)."""
+    the target run (a head's through :func:`~hookpatch.circuits._senders.head_delta`)."""
     out = []
     for s in g.senders:
         if s.kind == "input":
@@ -144,7 +144,7 @@ def sender_deltas(model: Any, g: Graph, target: Any, source: Any) -> Float[Tenso
         else:
             assert s.head is not None
             name = hook_name("z", s.layer)
-            out.append(head_delta(model, s.layer, target[name].unsqueeze(0), source[name], s.head)[0])
+            out.append(head_delta(model, s.layer, target[name], source[name], s.head))
     return torch.stack(out)
 
 

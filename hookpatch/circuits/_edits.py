@@ -27,7 +27,7 @@ from jaxtyping import Bool, Float, Int, Shaped
 from torch import Tensor
 
 from hookpatch.circuits._graph import Node, Site
-from hookpatch.circuits._senders import attn_out_from_z, linear_heads
+from hookpatch.circuits._senders import head_delta
 from hookpatch.model._facts import hook_name
 
 
@@ -222,24 +222,6 @@ class AddEdits:
 
     def first_positions(self) -> Int[Tensor, "variant batch"]:
         return _first_true(self.pos_mask)
-
-
-def head_delta(
-    model: Any,
-    layer: int,
-    z: Float[Tensor, "n batch pos head d_head"],
-    z_source: Float[Tensor, "batch pos head d_head"],
-    head: int,
-) -> Float[Tensor, "n batch pos d_model"]:
-    """How block ``layer``'s attention output moves when head ``head`` alone takes the source
-    run's z instead of ``z``: ``(z_source - z)[h] @ W_O[h]``, or through the post-attention
-    norm where the block has one."""
-    if linear_heads(model, layer):
-        dz = z_source[..., head, :] - z[..., head, :]  # [n, B, pos, d_head]
-        return dz @ model.blocks[layer].attn.W_O[head]
-    swapped = z.clone()
-    swapped[..., head, :] = z_source[..., head, :]
-    return attn_out_from_z(model, layer, swapped) - attn_out_from_z(model, layer, z)
 
 
 @dataclass(frozen=True)

@@ -106,6 +106,8 @@ def edge_patch(
         A :class:`SweepResult` over ``("edge_set",)``: ``values[set, batch]``, labelled with
         each set's size (``"3 edges"``) or, for one edge, its label.
     """
+    if ablation is not None and ablation not in EDGE_ABLATIONS:
+        raise HookpatchError(f"ablation={ablation!r}: expected None (the other run), or one of {EDGE_ABLATIONS}.")
     if (edges is None) == (edge_sets is None):
         raise HookpatchError("edge_patch: pass exactly one of edges= (one edge set) and edge_sets= (several).")
     ctx = _Context.build(model, prompts, metric, graph, fast, direction)
@@ -121,7 +123,9 @@ def edge_patch(
     labels = tuple(s[0].label if len(s) == 1 else f"{len(s)} edges" for s in sets)
     variants = [PathVariant(edges=edge_indices(g, s)) for s in sets]
     receiver_positions = check_positions(positions, prompts, prompts.n_pos, "positions")
-    source = ctx.ablated_source(ablation)
+    source = None
+    if ablation is not None:
+        ctx, source = ctx.with_ablated_source(ablation), ablation
     return ctx.run(
         "direct", variants, ("edge_set",), {"edge_set": labels}, receiver_positions=receiver_positions, source=source,
         freeze_mlps=False, memory_budget=memory_budget, progress=progress, executor=executor,
@@ -332,25 +336,18 @@ class _Context:
         return cls(model, prompts, metric, runner, work, direction,
                    clean.detach().float().cpu(), corrupted.detach().float().cpu())
 
-    def ablated_source(self, ablation: str | None) -> str | None:
-        """The cached run edges take their sender outputs from: None for the other run, else
-        a run derived from it (``"mean"``: its mean over prompts, per position; ``"zero"``:
-        zeros), added to the worker's runs under that name."""
-        if ablation is None:
-            return None
-        if ablation not in EDGE_ABLATIONS:
-            raise HookpatchError(f"ablation={ablation!r}: expected None (the other run), or one of {EDGE_ABLATIONS}.")
+    def with_ablated_source(self, ablation: str) -> _Context:
+        """This context with one more cached run, named ``ablation``, for edges to take their
+        sender outputs from: the other run's mean over prompts, per position (``"mean"``), or
+        zeros (``"zero"``)."""
         other = self.work.runs["clean" if self.direction == "denoising" else "corrupted"]
-        names = cache_names(self.work.graph.facts.n_layers)
         cache = {}
-        for name in names:
+        for name in cache_names(self.work.graph.facts.n_layers):
             act = other.cache[name]
             value = act.mean(0, keepdim=True) if ablation == "mean" else torch.zeros_like(act[:1])
             cache[name] = value.expand_as(act)
-        runs = dict(self.work.runs)
-        runs[ablation] = CachedRun(other.tokens, cache, other.values)
-        object.__setattr__(self, "work", dataclasses.replace(self.work, runs=runs))
-        return ablation
+        runs = {**self.work.runs, ablation: CachedRun(other.tokens, cache, other.values)}
+        return dataclasses.replace(self, work=dataclasses.replace(self.work, runs=runs))
 
     def run(
         self, semantics: str, variants: list[PathVariant], axes: tuple[str, ...], labels: dict[str, tuple[str, ...]],

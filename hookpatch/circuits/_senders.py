@@ -55,6 +55,24 @@ def linear_heads(model: Any, layer: int) -> bool:
     return getattr(model.blocks[layer], "ln1_post", None) is None
 
 
+def head_delta(
+    model: Any,
+    layer: int,
+    z: Float[Tensor, "*n batch pos head d_head"],
+    z_source: Float[Tensor, "batch pos head d_head"],
+    head: int,
+) -> Float[Tensor, "*n batch pos d_model"]:
+    """How block ``layer``'s attention output moves when head ``head`` alone takes the source
+    run's z instead of ``z``: ``(z_source - z)[h] @ W_O[h]``, or through the post-attention
+    norm where the block has one."""
+    if linear_heads(model, layer):
+        dz = z_source[..., head, :] - z[..., head, :]  # [n, B, pos, d_head]
+        return dz @ model.blocks[layer].attn.W_O[head]
+    swapped = z.clone()
+    swapped[..., head, :] = z_source[..., head, :]
+    return attn_out_from_z(model, layer, swapped) - attn_out_from_z(model, layer, z)
+
+
 def head_change(
     model: Any,
     layer: int,
@@ -63,15 +81,14 @@ def head_change(
     heads: Float[Tensor, "variant head"],
 ) -> Float[Tensor, "variant batch pos d_model"]:
     """How block ``layer``'s attention output moves, per variant, when the heads weighted 1 in
-    ``heads`` take the source run's z."""
+    ``heads`` take the source run's z (together: through the post-attention norm, heads do not
+    add up on their own)."""
     name = hook_name("z", layer)
     z_t, z_s = target[name], source[name]  # [B, pos, head, d_head]
-    if linear_heads(model, layer):  # the heads' own shares of W_O, one head at a time
-        W_O = model.blocks[layer].attn.W_O  # [head, d_head, d_model]
-        out = z_t.new_zeros(heads.shape[0], *z_t.shape[:2], W_O.shape[-1])
+    if linear_heads(model, layer):  # the heads' own writes, one head at a time
+        out = z_t.new_zeros(heads.shape[0], *z_t.shape[:2], model.cfg.d_model)
         for h in heads.ne(0).any(0).nonzero().flatten().tolist():
-            write = (z_s[:, :, h] - z_t[:, :, h]) @ W_O[h]  # [B, pos, d_model]
-            out += heads[:, h].to(out.dtype).view(-1, 1, 1, 1) * write
+            out += heads[:, h].to(out.dtype).view(-1, 1, 1, 1) * head_delta(model, layer, z_t, z_s, h)
         return out
     w = heads.to(z_t.dtype)[:, None, None, :, None]  # [V, 1, 1, head, 1]
     return attn_out_from_z(model, layer, z_t + (z_s - z_t) * w) - target[hook_name("attn_out", layer)]
