@@ -23,10 +23,10 @@ from torch import Tensor
 from hookpatch._checks import require_metric_values
 from hookpatch.circuits._edits import AddEdits, SetEdits
 from hookpatch.circuits._graph import Edge, Graph, Node, Receiver, Site
-from hookpatch.circuits._senders import frozen_run_inputs
+from hookpatch.circuits._senders import cache_names, frozen_run_inputs
 from hookpatch.errors import HookpatchError
 from hookpatch.metrics._base import Metric
-from hookpatch.runners import CachedRun, Runner
+from hookpatch.runners import CachedRun, Runner, runner_for
 from hookpatch.tasks._promptset import PromptSet
 
 Position = int | str | None  # a column, a position name of the prompt set, or every position
@@ -43,6 +43,50 @@ class CircuitContext:
     metric: Metric
     runner: Runner
     runs: Mapping[str, CachedRun]
+    recipe: CircuitRecipe | None = None  # how a worker builds this context from its own model
+
+
+@dataclass(frozen=True)
+class CircuitRecipe:
+    """How to build a :class:`CircuitContext` from a model: plain, picklable data, so a worker
+    that loaded the same model computes its own cached runs instead of receiving them.
+
+    Attributes:
+        prompts, metric, graph: the prompt set, the metric and the model's graph.
+        fast: the runner choice, as passed to :func:`~hookpatch.runners.runner_for`.
+        ablation: ``"mean"`` or ``"zero"`` to add a cached run of that name whose sender
+            outputs are ``ablated_from``'s, averaged over prompts or zeroed (see
+            :func:`ablated_run`); None for none.
+    """
+
+    prompts: PromptSet
+    metric: Metric
+    graph: Graph
+    fast: bool | None
+    ablation: str | None = None
+    ablated_from: str = "clean"
+
+    def build(self, model: Any) -> CircuitContext:
+        """The context on ``model``: its runner and the clean and corrupted runs, cached at
+        every sender output and receiver input, plus the ablated run if asked for."""
+        runner = runner_for(model, self.fast)
+        tokens = {"clean": self.prompts.clean_tokens, "corrupted": self.prompts.corrupted_tokens}
+        runs = dict(runner.cache_for_edits(tokens, self.metric, cache_names(self.graph.facts.n_layers)))
+        if self.ablation is not None:
+            runs[self.ablation] = ablated_run(runs[self.ablated_from], self.ablation, self.graph.facts.n_layers)
+        return CircuitContext(model, self.graph, self.prompts, self.metric, runner, runs, self)
+
+
+def ablated_run(run: CachedRun, ablation: str, n_layers: int) -> CachedRun:
+    """``run`` with every cached sender output and receiver input replaced by its mean over
+    prompts, per position (``"mean"``), or by zeros (``"zero"``): the run edges take their
+    sender outputs from when they are ablated rather than patched."""
+    cache = {}
+    for name in cache_names(n_layers):
+        act = run.cache[name]
+        value = act.mean(0, keepdim=True) if ablation == "mean" else torch.zeros_like(act[:1])
+        cache[name] = value.expand_as(act)
+    return CachedRun(run.tokens, cache, run.values)
 
 
 @dataclass(frozen=True)

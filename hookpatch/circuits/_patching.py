@@ -23,7 +23,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from hookpatch._checks import (
@@ -38,19 +37,20 @@ from hookpatch._checks import (
 from hookpatch._provenance import GridFacts, Provenance, run_facts
 from hookpatch.circuits._engine import (
     CircuitContext,
+    CircuitRecipe,
     PathVariant,
+    ablated_run,
     check_positions,
     edge_indices,
     plan_jobs,
     run_jobs,
 )
 from hookpatch.circuits._graph import RECEIVER_INPUTS, Edge, Graph, Node, Receiver, as_graph, sends_to
-from hookpatch.circuits._senders import cache_names
 from hookpatch.errors import HookpatchError
 from hookpatch.metrics._base import Metric
 from hookpatch.model._loading import require_eval
 from hookpatch.results import SweepResult
-from hookpatch.runners import CachedRun, Runner, require_executor, runner_for
+from hookpatch.runners import Runner, require_executor
 from hookpatch.sweeps._engine import DEFAULT_BUDGET
 from hookpatch.sweeps._grid import Grid
 from hookpatch.tasks._promptset import PromptSet
@@ -323,31 +323,24 @@ class _Context:
         require_eval(model)
         if direction not in DIRECTIONS:
             raise HookpatchError(f"direction={direction!r}: expected one of {DIRECTIONS}.")
-        g = as_graph(model, graph)
         metric = as_metric(metric, prompts)
-        runner = runner_for(model, fast)
+        work = CircuitRecipe(prompts, metric, as_graph(model, graph), fast).build(model)
         B = len(prompts)
-        tokens = {"clean": prompts.clean_tokens, "corrupted": prompts.corrupted_tokens}
-        runs = runner.cache_for_edits(tokens, metric, cache_names(g.facts.n_layers))
-        clean, corrupted = runs["clean"].values, runs["corrupted"].values
+        clean, corrupted = work.runs["clean"].values, work.runs["corrupted"].values
         require_finite_runs(metric, {"clean": require_metric_values(clean, (B,)),
                                      "corrupted": require_metric_values(corrupted, (B,))})
-        work = CircuitContext(model, g, prompts, metric, runner, runs)
-        return cls(model, prompts, metric, runner, work, direction,
+        return cls(model, prompts, metric, work.runner, work, direction,
                    clean.detach().float().cpu(), corrupted.detach().float().cpu())
 
     def with_ablated_source(self, ablation: str) -> _Context:
         """This context with one more cached run, named ``ablation``, for edges to take their
         sender outputs from: the other run's mean over prompts, per position (``"mean"``), or
         zeros (``"zero"``)."""
-        other = self.work.runs["clean" if self.direction == "denoising" else "corrupted"]
-        cache = {}
-        for name in cache_names(self.work.graph.facts.n_layers):
-            act = other.cache[name]
-            value = act.mean(0, keepdim=True) if ablation == "mean" else torch.zeros_like(act[:1])
-            cache[name] = value.expand_as(act)
-        runs = {**self.work.runs, ablation: CachedRun(other.tokens, cache, other.values)}
-        return dataclasses.replace(self, work=dataclasses.replace(self.work, runs=runs))
+        other = "clean" if self.direction == "denoising" else "corrupted"
+        work = self.work
+        runs = {**work.runs, ablation: ablated_run(work.runs[other], ablation, work.graph.facts.n_layers)}
+        recipe = work.recipe and dataclasses.replace(work.recipe, ablation=ablation, ablated_from=other)
+        return dataclasses.replace(self, work=dataclasses.replace(work, runs=runs, recipe=recipe))
 
     def run(
         self, semantics: str, variants: list[PathVariant], axes: tuple[str, ...], labels: dict[str, tuple[str, ...]],

@@ -5,7 +5,8 @@
   hooks (any model); :class:`FastRunner` hookpatch's direct block runner (GPT-2,
   Llama/Qwen2/Mistral, Qwen3/OLMo-2 and Gemma 2/3 families), checked once per model against
   the bridge on a short probe. :func:`runner_for` picks one.
-- :class:`Executor`, which runs a sweep's picklable jobs: :class:`InProcessExecutor` by default.
+- :class:`Executor`, which runs a sweep's picklable jobs: :class:`InProcessExecutor` by default,
+  :class:`RayExecutor` on a Ray cluster (the ``hookpatch[ray]`` extra).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from hookpatch.runners._bridge import BridgeRunner
 from hookpatch.runners._executor import Executor, InProcessExecutor, Job, require_executor
 from hookpatch.runners._fast_runner import FastRunner, probe
 from hookpatch.runners._protocol import CachedRun, Chunk, Runner
+from hookpatch.runners._ray import RayExecutor
 from hookpatch.runners.fast import FastForward
 
 
@@ -57,6 +59,7 @@ __all__ = [
     "Executor",
     "FastRunner",
     "InProcessExecutor",
+    "RayExecutor",
     "Job",
     "Runner",
     "require_executor",

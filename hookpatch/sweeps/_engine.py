@@ -31,12 +31,12 @@ from hookpatch.errors import HookpatchError
 from hookpatch.hooks._factory import ablation_source
 from hookpatch.hooks._selection import Heads, Positions, activation_mask, per_prompt_positions, pos_dim
 from hookpatch.metrics._base import Metric
-from hookpatch.model._facts import ModelFacts, component_info
-from hookpatch.runners import CachedRun, Chunk, Executor, Runner
+from hookpatch.model._facts import ModelFacts, component_info, model_facts
+from hookpatch.runners import CachedRun, Chunk, Executor, Runner, runner_for
 from hookpatch.runners._protocol import first_positions
 from hookpatch.tasks._promptset import PromptSet
 
-__all__ = ["Cell", "CellsJob", "Source", "SweepContext", "plan_jobs", "run_cells"]
+__all__ = ["Cell", "CellsJob", "Source", "SweepContext", "SweepRecipe", "plan_jobs", "run_cells"]
 
 DEFAULT_BUDGET = 2 * 1024**3  # bytes
 
@@ -72,11 +72,38 @@ class SweepContext:
     metric: Metric
     runner: Runner
     runs: Mapping[str, CachedRun]
+    recipe: SweepRecipe | None = None  # how a worker builds this context from its own model
 
     def source(self, source: Source, hook_name: str) -> Tensor:
         """The activation ``source`` writes at ``hook_name``."""
         act = self.runs[source.run].cache[hook_name]
         return act if source.ablation is None else ablation_source(act, source.ablation, seed=source.seed)
+
+
+@dataclass(frozen=True)
+class SweepRecipe:
+    """How to build a :class:`SweepContext` from a model: plain, picklable data, so a worker
+    that loaded the same model computes its own cached runs instead of receiving them.
+
+    Attributes:
+        prompts, metric: the prompt set and the metric (a :class:`Metric`).
+        component: the swept component; its activations at ``layers`` are cached.
+        layers: the layers the sweep patches.
+        fast: the runner choice, as passed to :func:`~hookpatch.runners.runner_for`.
+    """
+
+    prompts: PromptSet
+    metric: Metric
+    component: str
+    layers: tuple[int, ...]
+    fast: bool | None
+
+    def build(self, model: Any) -> SweepContext:
+        """The context on ``model``: its runner and the clean and corrupted runs, cached."""
+        runner = runner_for(model, self.fast)
+        tokens = {"clean": self.prompts.clean_tokens, "corrupted": self.prompts.corrupted_tokens}
+        runs = runner.cache_runs(tokens, self.metric, self.component, list(self.layers))
+        return SweepContext(model, model_facts(model), self.prompts, self.metric, runner, runs, self)
 
 
 @dataclass(frozen=True)

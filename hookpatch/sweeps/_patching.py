@@ -37,8 +37,8 @@ from hookpatch.hooks._factory import ABLATIONS
 from hookpatch.metrics._base import Metric
 from hookpatch.model._loading import require_eval
 from hookpatch.results import SweepResult
-from hookpatch.runners import Runner, require_executor, runner_for
-from hookpatch.sweeps._engine import DEFAULT_BUDGET, Cell, Source, SweepContext, plan_jobs, run_cells
+from hookpatch.runners import Runner, require_executor
+from hookpatch.sweeps._engine import DEFAULT_BUDGET, Cell, Source, SweepContext, SweepRecipe, plan_jobs, run_cells
 from hookpatch.sweeps._grid import Grid
 from hookpatch.tasks._promptset import PromptSet
 
@@ -168,15 +168,13 @@ class _Context:
         as_int(memory_budget, "memory_budget", minimum=1, hint=" (bytes one stacked forward may use, e.g. 2**30)")
         metric = as_metric(metric, prompts)
         grid = Grid.build(model, prompts, component, by, layers, positions, heads)
-        runner = runner_for(model, fast)
         cells = [Cell(layer, pos, head) for layer, pos, head in grid.cells()]
         B = len(prompts)
-        tokens = {"clean": prompts.clean_tokens, "corrupted": prompts.corrupted_tokens}
-        runs = runner.cache_runs(tokens, metric, component, grid.layers)
-        clean, corrupted = runs["clean"].values, runs["corrupted"].values
+        work = SweepRecipe(prompts, metric, component, tuple(grid.layers), fast).build(model)
+        runner = work.runner
+        clean, corrupted = work.runs["clean"].values, work.runs["corrupted"].values
         require_finite_runs(metric, {"clean": require_metric_values(clean, (B,)),
                                      "corrupted": require_metric_values(corrupted, (B,))})
-        work = SweepContext(model, grid.facts, prompts, metric, runner, runs)
         return cls(
             model=model, prompts=prompts, component=component, grid=grid, cells=cells, metric=metric,
             runner=runner, work=work,
