@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hookpatch import ablation_sweep, patch_sweep
-from hookpatch.circuits import edge_patch, faithfulness_curve, graph, path_patch_sweep
+from hookpatch.circuits import compare_edges, edge_patch, faithfulness_curve, graph, path_patch_sweep
 from hookpatch.errors import HookpatchError
 from hookpatch.metrics import LogitDiff
 from hookpatch.model import load_spec, tiny_model
@@ -79,6 +79,9 @@ def test_circuit_calls_equal_in_process(executor, gpt2_model, small_prompts):
         model, prompts, metric, receivers=["L1H0.q", "L1H2.v"], semantics="ioi", memory_budget=BUDGET, executor=ex,
         progress=False))
     assert torch.equal(remote.values, local.values)
+    remote, local = both(executor, lambda ex: compare_edges(
+        model, prompts, metric, n_top=4, n_random=4, executor=ex, progress=False, memory_budget=BUDGET))
+    assert torch.equal(remote.activation.values, local.activation.values)
     scores = torch.linspace(-1, 1, len(g.edges))
     remote, local = both(executor, lambda ex: faithfulness_curve(
         model, prompts, metric, scores, budgets=(0.1, 0.5), executor=ex, progress=False, memory_budget=BUDGET))

@@ -47,6 +47,7 @@ from hookpatch.circuits._patching import edge_patch
 from hookpatch.errors import HookpatchError
 from hookpatch.metrics._base import Metric
 from hookpatch.results import SweepResult
+from hookpatch.sweeps._engine import DEFAULT_BUDGET
 from hookpatch.tasks._promptset import PromptSet
 
 DEFAULT_TOP = 50  # edges of largest |score| compared by default
@@ -154,7 +155,10 @@ def compare_edges(
     n_resamples: IntLike = 1000,
     seed: IntLike = 0,
     graph: Graph | None = None,
+    memory_budget: int = DEFAULT_BUDGET,
+    fast: bool | None = None,
     progress: bool = True,
+    executor: Any = None,
 ) -> EdgeComparison:
     """Compare edge attribution with exact single-edge patching (see the module docstring).
 
@@ -180,6 +184,7 @@ def compare_edges(
         level, n_resamples, seed: the paired bootstrap over prompts; ``seed`` also draws the
             random edges.
         graph: the model's graph (default: built from the model).
+        memory_budget, fast, executor: the exact edge patching's, as in :func:`edge_patch`.
         progress: progress bars.
 
     Returns:
@@ -203,7 +208,7 @@ def compare_edges(
     k, n_resamples, seed = _check_statistics(k, sign_tol, level, n_resamples, seed, len(chosen))
     labels = tuple(g.edges[i].label for i in chosen)
     exact = edge_patch(model, prompts, metric, edge_sets=[[label] for label in labels], direction=direction,
-                       graph=g, progress=progress)
+                       graph=g, memory_budget=memory_budget, fast=fast, progress=progress, executor=executor)
     effect = exact.effect().float().cpu()  # [edge, batch]: patched − the run being patched
     estimate = replace(scores, values=scores.values[list(chosen)], labels={"edge": labels})
     stats = bootstrap_statistics(effect, estimate.values.float().cpu(), k=k, sign_tol=sign_tol, level=level,

@@ -7,9 +7,10 @@ unpatched runs and the metric. An executor takes the jobs and a context and retu
 job's result, in the jobs' order, whatever order it ran them in.
 
 :class:`InProcessExecutor` (the default) runs them one after another in this process, with a
-progress bar over jobs. An executor for a cluster would ship the jobs to workers that rebuild
-the context from the model's load arguments and run the very same jobs; no algorithm knows
-where it runs.
+progress bar over jobs. :class:`~hookpatch.runners.RayExecutor` ships the jobs to Ray actors
+that rebuild the context from the model's load arguments and the context's ``recipe`` (plain
+data: prompts, metric, what to cache) and run the very same jobs; no algorithm knows where it
+runs.
 """
 
 from __future__ import annotations
