@@ -253,3 +253,56 @@ def check_device(device: Any, arg: str = "device") -> None:
         )
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise HookpatchError(f"{arg}={device!r} but MPS is not available here; use device='cpu'.")
+
+
+def check_n_devices(n_devices: Any, arg: str = "n_devices") -> int | None:
+    """``n_devices`` as a Python int (``None`` stays ``None``), checked against this machine.
+
+    ``1`` means one device; ``N > 1`` splits the model's blocks over ``cuda:0..N-1``, which
+    needs that many CUDA GPUs here.
+    """
+    if n_devices is None:
+        return None
+    count = as_count(n_devices, arg, "how many CUDA GPUs to split the model over (1 = one device)")
+    if count == 1:
+        return count
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if available == 0:
+        raise HookpatchError(
+            f"{arg}={count} but this machine has no CUDA GPU (torch.cuda.is_available() is False); "
+            f"leave {arg} unset (or pass device='cpu') to load on one device."
+        )
+    if count > available:
+        raise HookpatchError(
+            f"{arg}={count} but this machine has {available} CUDA GPU(s) (cuda:0..cuda:{available - 1}); "
+            f"pass {arg}= at most {available}, or leave it unset to load on one device."
+        )
+    return count
+
+
+def check_device_map(device_map: Any, arg: str = "device_map") -> None:
+    """Raise unless ``device_map`` is ``None``, one of HuggingFace's placement strategies
+    (``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``), a device (``"cpu"``,
+    ``"cuda:0"``) or a dict from module names to devices (``"cpu"``, ``"cuda:1"`` or a GPU
+    index) that this machine has."""
+    if device_map is None:
+        return
+    strategies = ("auto", "balanced", "balanced_low_0", "sequential")
+    if isinstance(device_map, str):
+        if device_map not in strategies:
+            check_device(device_map, arg)
+        return
+    if not isinstance(device_map, dict) or not device_map:
+        raise HookpatchError(
+            f"{arg}= must be a strategy ({', '.join(map(repr, strategies))}), a device such as 'cpu', "
+            f"or a non-empty dict from module names to devices, e.g. {{'': 'cpu'}}; got "
+            f"{device_map!r}."
+        )
+    for module, where in device_map.items():
+        if not isinstance(module, str):
+            raise HookpatchError(f"{arg}= keys must be module names (str); got {module!r}.")
+        if isinstance(where, bool) or not isinstance(where, (str, int, torch.device)):
+            raise HookpatchError(
+                f"{arg}[{module!r}]={where!r} must be a device: 'cpu', 'cuda:0' or a GPU index such as 0."
+            )
+        check_device(f"cuda:{where}" if isinstance(where, int) else where, f"{arg}[{module!r}]")

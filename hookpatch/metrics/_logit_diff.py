@@ -36,9 +36,11 @@ class LogitDiff(Metric):
     def directions(self, model: Any) -> Float[Tensor, "batch d_model"]:
         """``W_U[:, correct] - W_U[:, incorrect]`` per prompt (the unembed difference)."""
         W_U = model.W_U
-        return (W_U[:, self.prompts.correct_tokens] - W_U[:, self.prompts.incorrect_tokens]).T
+        correct, incorrect = (t.to(W_U.device) for t in (self.prompts.correct_tokens, self.prompts.incorrect_tokens))
+        return (W_U[:, correct] - W_U[:, incorrect]).T
 
     def bias(self, model: Any) -> Float[Tensor, " batch"]:
         """``b_U[correct] - b_U[incorrect]``: the part of the metric no component writes."""
         b_U = model.b_U
-        return b_U[self.prompts.correct_tokens] - b_U[self.prompts.incorrect_tokens]
+        correct, incorrect = (t.to(b_U.device) for t in (self.prompts.correct_tokens, self.prompts.incorrect_tokens))
+        return b_U[correct] - b_U[incorrect]

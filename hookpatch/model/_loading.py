@@ -7,6 +7,11 @@ analyses and their published numbers assume (``fold_ln``,
 ``center_writing_weights``, ``center_unembed``) and returns the model in eval mode. Without
 a network, a hub name that is not in the local cache fails at once with a message saying what
 to pass instead, not after half a minute of retries.
+
+A model too large for one device is split over several: ``n_devices=N`` spreads its blocks
+evenly over ``cuda:0..N-1`` (accelerate's ``"balanced"`` placement), ``device_map=`` places
+modules exactly as a HuggingFace device map says. Every sweep, readout and attribution then
+moves what meets an activation to that activation's device (:mod:`hookpatch.hooks._devices`).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any
 
 import torch
 
-from hookpatch._checks import check_device
+from hookpatch._checks import IntLike, check_device, check_device_map, check_n_devices
 from hookpatch.errors import HookpatchError
 
 ORGANISM = "organism"
@@ -63,7 +68,10 @@ class LoadSpec:
         Example:
             >>> same = load_spec(model).load(device="cpu")
         """
-        options = {**dict(self.options), **overrides}
+        options = dict(self.options)
+        if _PLACEMENT & overrides.keys():  # a new placement replaces the recorded one whole
+            options = {k: v for k, v in options.items() if k not in _PLACEMENT}
+        options.update(overrides)
         objects = [k for k, v in options.items() if isinstance(v, dict) and _OBJECT in v]
         if objects:
             raise HookpatchError(
@@ -104,6 +112,7 @@ def _plain(value: Any) -> Any:
 
 
 _OBJECT = "object recorded by class name"
+_PLACEMENT = frozenset({"device", "device_map", "n_devices"})  # where the model goes: exclusive options
 
 
 def record_load_spec(model: Any, loader: str, name: str, source: str, **options: Any) -> LoadSpec:
@@ -130,7 +139,8 @@ def load_model(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
-    device_map: str | dict | None = None,
+    device_map: Any = None,  # None, a strategy, a device or a dict; checked by check_device_map
+    n_devices: IntLike = None,  # None or a positive int; checked by check_n_devices
     fold_ln: bool = True,
     center_writing_weights: bool = True,
     center_unembed: bool = True,
@@ -142,13 +152,22 @@ def load_model(
     Example:
         >>> model = load_model("organism")          # offline, shipped with hookpatch
         >>> model = load_model("gpt2-small")        # needs a network or the HF cache
+        >>> model = load_model("Qwen/Qwen3-8B", n_devices=2)  # blocks split over cuda:0, cuda:1
 
     Args:
         name_or_path: ``"organism"``, a TransformerLens alias, a HuggingFace id or a local
             directory holding ``config.json``, weights and a tokenizer.
         device: where to put the model; default CUDA when available, else CPU.
         dtype: parameter dtype (float32 by default; checkpoints stored in fp16 are cast).
-        device_map: HuggingFace-style placement across devices (exclusive with ``device``).
+        device_map: HuggingFace-style placement across devices: a strategy (``"balanced"``,
+            ``"auto"``, ...), one device, or a dict from module names to devices, e.g.
+            ``{"model.embed_tokens": 0, "model.layers.0": 0, ..., "lm_head": 1}``. Exclusive
+            with ``device`` and ``n_devices``. TransformerBridge refuses maps that mix CPU (or
+            disk) offload with GPUs, and weight processing (``fold_ln``, ...) on offloaded
+            modules: use GPUs only, or a single device.
+        n_devices: split the blocks evenly over this many CUDA GPUs, ``cuda:0..n_devices-1``
+            (accelerate's ``"balanced"`` map, with memory limits on exactly those GPUs);
+            ``1`` is one device (as ``device=None``). Exclusive with ``device`` and ``device_map``.
         fold_ln, center_writing_weights, center_unembed, refactor_factored_attn_matrices:
             TransformerLens' weight processing (HookedTransformer's defaults).
         tokenizer: a tokenizer to use instead of the checkpoint's own.
@@ -165,9 +184,17 @@ def load_model(
             f"{type(name_or_path).__name__} (an already loaded model needs no load_model)."
         )
     check_device(device)
+    check_device_map(device_map)
+    n_devices = check_n_devices(n_devices)
     if device is not None and device_map is not None:
         raise HookpatchError(
             "pass either device= or device_map=, not both: device_map places the model itself."
+        )
+    if n_devices is not None and (device is not None or device_map is not None):
+        other = "device" if device is not None else "device_map"
+        raise HookpatchError(
+            f"pass either n_devices= or {other}=, not both: n_devices={n_devices} places the model "
+            f"itself (over cuda:0..cuda:{n_devices - 1}); drop one of them."
         )
     if str(name_or_path) == ORGANISM:  # name a damaged file or an option it cannot honour
         from hookpatch.organism import check_load_options, verify_checkpoint
@@ -178,28 +205,52 @@ def load_model(
     passed_tokenizer, passed_device = tokenizer, device
     if tokenizer is None and Path(source).is_dir():
         tokenizer = _local_tokenizer(Path(source))
-    if device is None and device_map is None:
+    split = n_devices is not None and n_devices > 1
+    if device is None and device_map is None and not split:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    placement = {"device_map": device_map} if device_map is not None else {}
+    placement.update({"n_devices": n_devices} if split else {})
     try:
         model = TransformerBridge.boot_transformers(
-            str(source), device=device, dtype=dtype, device_map=device_map, tokenizer=tokenizer
+            str(source), device=device, dtype=dtype, tokenizer=tokenizer, **placement
         )
     except OSError as err:
         raise HookpatchError(f"could not load {name_or_path!r} from {source}: {err}") from err
-    model.enable_compatibility_mode(
-        disable_warnings=True,
-        fold_ln=fold_ln,
-        center_writing_weights=center_writing_weights,
-        center_unembed=center_unembed,
-        refactor_factored_attn_matrices=refactor_factored_attn_matrices,
-    )
+    except ValueError as err:
+        if not placement:
+            raise
+        raise HookpatchError(
+            f"could not place {name_or_path!r} with {_placement_text(placement)}: {err} Use a map "
+            "over GPUs only (or n_devices=), or one device (device=)."
+        ) from err
+    try:
+        model.enable_compatibility_mode(
+            disable_warnings=True,
+            fold_ln=fold_ln,
+            center_writing_weights=center_writing_weights,
+            center_unembed=center_unembed,
+            refactor_factored_attn_matrices=refactor_factored_attn_matrices,
+        )
+    except RuntimeError as err:
+        if not placement:
+            raise
+        raise HookpatchError(
+            f"{_placement_text(placement)} offloads modules, and TransformerBridge cannot process "
+            f"offloaded weights (fold_ln, center_writing_weights, center_unembed): {err}"
+        ) from err
     model.eval()
     record_load_spec(
         model, "load_model", str(name_or_path), str(source), device=passed_device, dtype=dtype, device_map=device_map,
-        fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
-        refactor_factored_attn_matrices=refactor_factored_attn_matrices, tokenizer=passed_tokenizer,
+        n_devices=n_devices, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+        center_unembed=center_unembed, refactor_factored_attn_matrices=refactor_factored_attn_matrices,
+        tokenizer=passed_tokenizer,
     )
     return model
+
+
+def _placement_text(placement: dict[str, Any]) -> str:
+    """``device_map={...}`` or ``n_devices=2``, for an error message."""
+    return ", ".join(f"{k}={v!r}" for k, v in placement.items())
 
 
 def _resolve_source(name_or_path: str | os.PathLike) -> str:

@@ -5,6 +5,9 @@ the metric of a linear metric is ``Σ_parts dir · ln(part) + bias``, so the par
 embeddings, each layer's attention and MLP output, or each head and the attention biases, or
 each neuron and the MLP biases — add up to the metric exactly. A non-linear metric has no
 such decomposition and is refused.
+
+On a model split over devices, the layers' parts are stacked on the unembedding's device
+(:func:`~hookpatch.readouts._final.gathered`); a neuron's DLA is computed on its layer's device.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from hookpatch.errors import HookpatchError
 from hookpatch.metrics._base import Metric
 from hookpatch.model._facts import hook_name, model_facts
 from hookpatch.model._loading import require_eval
-from hookpatch.readouts._final import apply_final_ln, at_end, center
+from hookpatch.readouts._final import apply_final_ln, at_end, center, gathered
 from hookpatch.results import SweepResult
 from hookpatch.tasks._promptset import PromptSet
 
@@ -59,6 +62,7 @@ def dla_by_component(model: Any, prompts: PromptSet, metric: Metric) -> SweepRes
     metric = as_metric(metric, prompts)  # a plain callable: refused below as not linear
     dirs, bias = _linear(metric, model)
     logits, cache = model.run_with_cache(prompts.clean_tokens)
+    cache = gathered(model, cache)  # one device for the stack (a no-op unless the model is split)
     parts, labels = cache.decompose_resid(layer=None, mode="all", return_labels=True)
     values = _project(model, cache, parts, prompts, dirs)
     return _result(values, ("component",), {"component": tuple(labels)}, model, prompts, metric, logits,
@@ -77,9 +81,12 @@ def dla_by_head(model: Any, prompts: PromptSet, metric: Metric) -> SweepResult:
     dirs, _ = _linear(metric, model)
     facts = model_facts(model)
     logits, cache = model.run_with_cache(prompts.clean_tokens)
+    cache = gathered(model, cache, head_results=True)
     heads = cache.stack_head_results(layer=-1)  # [layer * head, batch, pos, d_model]
     values = _project(model, cache, heads, prompts, dirs).reshape(facts.n_layers, facts.n_heads, -1)
-    b_O = torch.stack([_bias_vector(model.blocks[layer].attn, "b_O", facts.d_model) for layer in range(facts.n_layers)])
+    b_O = torch.stack([
+        _bias_vector(model.blocks[layer].attn, "b_O", facts.d_model).to(heads.device) for layer in range(facts.n_layers)
+    ])
     b_O = b_O[:, None, None, :].expand(-1, len(prompts), prompts.n_pos, -1)
     attn_bias = _project(model, cache, b_O, prompts, dirs)  # [layer, batch]
     return _result(
@@ -110,10 +117,11 @@ def dla_by_neuron(model: Any, prompts: PromptSet, metric: Metric, layer: IntLike
     post = cache[hook_name("mlp_post", layer)][rows, end]  # [batch, d_mlp]
     mlp = model.blocks[layer].mlp
     W_out = center(model, mlp.W_out)  # [d_mlp, d_model]
-    scale = cache[hook_name("ln_final_scale")][rows, end]  # [batch, 1]
-    per_unit = (dirs.to(W_out.device) @ W_out.T) / scale  # [batch, d_mlp]
-    values = (post * per_unit).T  # [neuron, batch]
-    b_out = center(model, _bias_vector(mlp, "b_out", facts.d_model))
+    scale = cache[hook_name("ln_final_scale")][rows, end].to(W_out.device)  # [batch, 1]
+    dirs = dirs.to(W_out.device)  # the layer's device (the unembedding's may differ)
+    per_unit = (dirs @ W_out.T) / scale  # [batch, d_mlp]
+    values = (post.to(W_out.device) * per_unit).T  # [neuron, batch]
+    b_out = center(model, _bias_vector(mlp, "b_out", facts.d_model, W_out.device))
     mlp_bias = (dirs @ b_out) / scale[:, 0]
     return _result(
         values, ("neuron",), {"neuron": tuple(f"L{layer}N{n}" for n in range(values.shape[0]))},
@@ -133,8 +141,9 @@ def top_neurons(result: SweepResult, k: int = 10) -> Any:
     )
 
 
-def _bias_vector(module: Any, name: str, d_model: int) -> Float[Tensor, " d_model"]:
+def _bias_vector(module: Any, name: str, d_model: int, device: Any = None) -> Float[Tensor, " d_model"]:
+    """The module's bias ``name``, or zeros (on ``device``) where it has none."""
     b = getattr(module, name, None)
     if b is None:
-        return torch.zeros(d_model)
+        return torch.zeros(d_model, device=device)
     return b.detach()

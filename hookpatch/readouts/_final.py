@@ -6,6 +6,9 @@ parts sum to the metric; it is the DLA convention and the logit lens of Transfor
 small pronoun case study. ``"renormalized"``: normalize each intermediate residual with its
 own scale, the "true" logit lens (the final scale belongs to the final residual stream, whose
 norm usually differs greatly from an early layer's, so it misreads early layers).
+
+On a model split over devices, :func:`gathered` first moves a cache's activations to the
+unembedding's device, where the readouts stack layers and unembed.
 """
 
 from __future__ import annotations
@@ -17,9 +20,24 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from hookpatch.errors import HookpatchError
+from hookpatch.hooks._devices import is_split, to_device, unembed_device
 from hookpatch.model._facts import hook_name
 
 CONVENTIONS = ("final_scale", "renormalized")
+
+
+def gathered(model: Any, cache: Any, *, head_results: bool = False) -> Any:
+    """``cache`` with every activation on the unembedding's device when ``model`` is split over
+    devices (stacking layers needs one device); ``cache`` untouched on a single-device model.
+
+    ``head_results``: compute each head's output (``attn.hook_result``) first, where each
+    layer's ``z`` and ``W_O`` still share a device.
+    """
+    if not is_split(model):
+        return cache
+    if head_results:
+        cache.compute_head_results()
+    return cache.to(unembed_device(model))
 
 
 def at_end(stack: Float[Tensor, "n batch pos d_model"], end: Int[Tensor, " batch"]) -> Float[Tensor, "n batch d_model"]:
@@ -55,5 +73,6 @@ def apply_final_ln(
 
 
 def unembed(model: Any, x: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead d_vocab"]:
-    """Logits from normalized residual vectors (``W_U``, ``b_U``)."""
-    return x @ model.W_U + model.b_U
+    """Logits from normalized residual vectors (``W_U``, ``b_U``), on the unembedding's device."""
+    W_U = model.W_U
+    return to_device(x, W_U.device) @ W_U + model.b_U

@@ -18,7 +18,7 @@ from hookpatch._checks import IntLike, as_int, as_metric
 from hookpatch._provenance import Provenance, run_facts
 from hookpatch.metrics._base import Metric
 from hookpatch.model._loading import require_eval
-from hookpatch.readouts._final import apply_final_ln, at_end, unembed
+from hookpatch.readouts._final import apply_final_ln, at_end, gathered, unembed
 from hookpatch.results import SweepResult
 from hookpatch.tasks._promptset import PromptSet
 
@@ -51,6 +51,7 @@ def logit_lens(
     metric = as_metric(metric, prompts)  # a plain callable: refused below as not linear
     tokens = prompts.clean_tokens if tokens is None else tokens
     logits, cache = model.run_with_cache(tokens)
+    cache = gathered(model, cache)  # one device for the stack (a no-op unless the model is split)
     stack, labels = cache.accumulated_resid(layer=None, incl_mid=incl_mid, return_labels=True)
     x = apply_final_ln(model, cache, at_end(stack, prompts.end), prompts.end, convention)
     values = metric.from_final(unembed(model, x))  # [point, batch]
@@ -75,6 +76,7 @@ def logit_lens_top_tokens(
     k = as_int(k, "k", minimum=1, hint=": how many top tokens per layer point")
     one = prompts.select([as_int(prompt, "prompt")])
     _, cache = model.run_with_cache(one.clean_tokens)
+    cache = gathered(model, cache)
     stack, labels = cache.accumulated_resid(layer=None, incl_mid=True, return_labels=True)
     x = apply_final_ln(model, cache, at_end(stack, one.end), one.end, convention)
     logits = unembed(model, x)[:, 0]  # [point, d_vocab]

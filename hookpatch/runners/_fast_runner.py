@@ -17,6 +17,11 @@ Before a model's first fast sweep, :func:`probe` runs a short token sequence thr
 this runner and the bridge and compares the logits; a model whose fast logits differ falls
 back to the bridge (with a warning). The verdict is kept per model, keyed weakly, and checked
 again when the model's parameters change (moved, cast or edited in place).
+
+On a model split over devices (``load_model(..., n_devices=N)``) each cached activation stays on
+its block's device; rows gathered from several blocks are stacked on one device, and
+:class:`FastForward` moves them to each block's device as they run, so the metric values come
+back on the unembedding's device, as the bridge's would.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from hookpatch.hooks._devices import cat_on, to_device
 from hookpatch.metrics._base import Metric
 from hookpatch.model._facts import (
     ModelFacts,
@@ -113,7 +119,7 @@ class FastRunner:
                 resid = self._finish_patched_blocks(chunk, point, metric.reads)
                 start, hooks = layers + 1, {}
             else:
-                resid = torch.cat([chunk.run.cache[hook_name("resid_pre", layer)] for layer in chunk.layers])
+                resid = cat_on([chunk.run.cache[hook_name("resid_pre", layer)] for layer in chunk.layers])
                 hooks = stacked_hooks(chunk.component, chunk.layers, chunk.masks, chunk.sources, B, chunk.pos_dim)
                 start = layers
             reads = metric.reads.to(chunk.first_pos.device)  # [B, n_read]
@@ -140,7 +146,7 @@ class FastRunner:
         B = run.tokens.shape[0]
         n = fast.n_layers
         layers = list(chunk.layers)
-        resid = torch.cat([run.cache[_after(layer, n)] for layer in layers])  # [V * B, pos, d_model], a new tensor
+        resid = cat_on([run.cache[_after(layer, n)] for layer in layers])  # [V * B, pos, d_model], a new tensor
         reach = _reaching_reads(metric_reads, B, run.tokens.shape[1], last=False)  # [B, pos]
         reach_last = _reaching_reads(metric_reads, B, run.tokens.shape[1], last=True)
         for layer in sorted(set(layers)):
@@ -159,16 +165,17 @@ class FastRunner:
                 base = run.cache[block_point(layer, info.resume_base)].repeat(len(vs), 1, 1)[where]  # [n, d_model]
             rows = (torch.tensor(vs).unsqueeze(-1) * B + torch.arange(B)).flatten().to(resid.device)  # [len(vs) * B]
             block = resid[rows]
+            at = to_device(where, block.device)  # the block is on the stacked rows' device; act on the layer's
             if point == "attn.hook_z" and fast.head_output_is_linear(layer) and base is not None:
                 # hook_attn_out = the run's own + the patched heads' share of W_O (exact up to
                 # float rounding): 1 / n_heads of the output projection per patched head
-                heads = torch.cat([m.expand(B, *act.shape[1:-1], 1)[..., 0] for m in masks])[where]  # [n, head]
+                heads = torch.cat([m.expand(B, *act.shape[1:-1], 1)[..., 0] for m in masks]).to(act.device)[where]
                 own_z = own.repeat(len(vs), *([1] * (own.ndim - 1)))[where]  # [n, head, d_head]
                 attn_out = run.cache[hook_name("attn_out", layer)].repeat(len(vs), 1, 1)[where]  # [n, d_model]
                 attn_out += fast.head_output_delta(layer, act[where] - own_z, heads.to(act.device))
-                block[where] = fast.resume_block(layer, "hook_attn_out", base, attn_out)
+                block[at] = to_device(fast.resume_block(layer, "hook_attn_out", base, attn_out), block.device)
             else:
-                block[where] = fast.resume_block(layer, point, base, act[where])
+                block[at] = to_device(fast.resume_block(layer, point, base, act[where]), block.device)
             resid[rows] = block
         return resid
 
@@ -210,7 +217,7 @@ class FastRunner:
                 if resid is not None:
                     done, start = int(start[0]), start + 1
             if resid is None:
-                resid = torch.cat([run.cache[resid_entering(int(layer), n)] for layer in start.tolist()])
+                resid = cat_on([run.cache[resid_entering(int(layer), n)] for layer in start.tolist()])
             row_start = start.to(resid.device).repeat_interleave(B)  # [V * B]
             first_layer = int(start.min())
             hooks = self._edit_hooks(edits, after=done)
@@ -275,8 +282,8 @@ class FastRunner:
             edits.observe(layer, "z", z)
         # the positions that change (from the first edited one) and that a read can see
         seen = _reaching_reads(reads, B, P, last=layer == n - 1).repeat(V, 1)  # [V * B, pos]
-        where = seen & (torch.arange(P, device=seen.device) >= active_from.unsqueeze(-1))
-        rows, cols = where.nonzero(as_tuple=True)  # the (row, position) pairs that change
+        where = seen & (torch.arange(P, device=seen.device) >= active_from.to(seen.device).unsqueeze(-1))
+        rows, cols = (t.to(z_new.device) for t in where.nonzero(as_tuple=True))  # the (row, position) pairs that change
         own_rows = rows % B  # the same prompt in the unpatched run
 
         def own(name: str) -> Tensor:
@@ -294,8 +301,9 @@ class FastRunner:
             z_rows = z_own[own_rows, cols].clone()  # [m, head, d_head]
             z_rows[:, heads] = z_sel
             attn_out = fast.attention_output(layer, z_rows)
-        resid = run.cache[resid_entering(layer + 1, n)].repeat(V, 1, 1)  # [V * B, pos, d_model]
-        resid[rows, cols] = fast.resume_block(layer, "hook_attn_out", own(hook_name("resid_pre", layer)), attn_out)
+        resid = run.cache[resid_entering(layer + 1, n)].repeat(V, 1, 1)  # [V * B, pos, d_model], next block's device
+        finished = fast.resume_block(layer, "hook_attn_out", own(hook_name("resid_pre", layer)), attn_out)
+        resid[rows.to(resid.device), cols.to(resid.device)] = to_device(finished, resid.device)
         return resid
 
     def _edit_hooks(self, edits: Any, after: int = -1) -> dict[str, Any]:
@@ -374,7 +382,7 @@ def _edit_final(
     """The final residual stream at the reads, edited: the edits work on the position grid,
     so the reads are placed in it (the other positions are never read)."""
     grid = x.new_zeros(x.shape[0], n_pos, x.shape[-1])
-    index = reads.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+    index = reads.to(x.device).unsqueeze(-1).expand(-1, -1, x.shape[-1])
     grid.scatter_(1, index, x)
     return edits.edit(site, 0, grid).gather(1, index)
 
@@ -388,8 +396,10 @@ def _observe(
     before its first computed one)."""
     V = act.shape[0] // own.shape[0]
     columns = torch.arange(act.shape[1], device=act.device)
+    row_start, active_from = row_start.to(act.device), active_from.to(act.device)
     computed = (row_start <= layer).unsqueeze(-1) & (columns >= active_from.unsqueeze(-1))  # [rows, pos]
     computed = computed.view(*computed.shape, *([1] * (act.ndim - 2)))
+    own = to_device(own, act.device)
     edits.observe(layer, point, torch.where(computed, act, own.repeat(V, *([1] * (own.ndim - 1)))))
 
 
@@ -451,6 +461,7 @@ def _compare_logits(model: Any) -> str | None:
     eps = torch.finfo(next(iter(model.parameters())).dtype).eps
     scale = max(1.0, float(reference.abs().max()))
     tol = (PROBE_TOLERANCE if eps <= torch.finfo(torch.float32).eps else 16 * eps) * scale
+    got = got.to(reference.device)
     diff = float((got - reference).abs().max()) if got.shape == reference.shape else float("inf")
     if diff <= tol:
         return None

@@ -297,8 +297,9 @@ class RayExecutor:
                 f"executor=RayExecutor: this model was loaded with {objects[0]}= an object a worker cannot load "
                 f"again; load it by name or directory only, or leave executor= unset to run in process."
             )
-        # a model placed by device_map keeps its placement; else each actor uses its GPU or the CPU
-        overrides: dict[str, Any] = {} if spec.option("device_map") is not None else {"device": "auto"}
+        # a model placed by device_map or n_devices keeps its placement; else each actor uses its GPU or the CPU
+        placed = spec.option("device_map") is not None or (spec.option("n_devices") or 1) > 1
+        overrides: dict[str, Any] = {} if placed else {"device": "auto"}
         data = spec.to_dict()
         key = hashlib.sha1(repr((data, overrides)).encode()).hexdigest()
         return (key, data, overrides, weight_sample(model)), recipe

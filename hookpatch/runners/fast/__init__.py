@@ -40,6 +40,10 @@ variant. Semantics reproduced on purpose:
 * Gemma's final-logit soft cap is applied by :meth:`FastForward.unembed`;
   :attr:`FastForward.final_softcap` is set then, and logits are not linear in the residual.
 
+On a model split over devices (``load_model(..., n_devices=N)``) each block runs on its own
+weights' device: the rows, their layout (indices, rotary tables) and the frozen keys and values
+move there as they enter it, and the final norm's output comes back on the unembedding's.
+
 Inputs are unpadded (or right-padded) token rows at positions ``0..``, as the bridge runs a
 token tensor; left padding (attention masks, shifted positions) is not modelled.
 """

@@ -13,6 +13,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from hookpatch.errors import HookpatchError
+from hookpatch.hooks._devices import parameter_device, to_device
 from hookpatch.model._facts import attention_key, block_point, hook_name
 from hookpatch.runners.fast import _block
 from hookpatch.runners.fast import _checks as checks
@@ -76,6 +77,11 @@ class FastForward:
         self._model = model
         self._weights: ModelWeights = variant.extract(model)
         self.rotary: bool = self._weights.rotary
+        # Where each block's weights live (a device_map split puts blocks on several devices):
+        # a block's input, layout, frozen keys/values and hooks' tensors are moved there.
+        self.block_devices: tuple[torch.device, ...] = tuple(w.o.weight.device for w in self._weights.layers)
+        self.unembed_device: torch.device = self._weights.unembed.weight.device
+        self.norm_device: torch.device = parameter_device(model.ln_final, default=self.unembed_device)
         # Final-logit soft cap (Gemma 2): logits = cap * tanh(unembedded / cap), not linear in
         # the residual stream, so a metric's residual directions do not apply when it is set.
         self.final_softcap: float | None = self._weights.final_softcap
@@ -103,11 +109,12 @@ class FastForward:
         """``blocks.0.hook_resid_pre``: token embeddings (scaled where the variant scales
         them), plus learned positions where used."""
         model = self._model
-        resid = model.W_E[tokens]
+        W_E = model.W_E
+        resid = W_E[to_device(tokens, W_E.device)]
         if self._weights.embed_scale is not None:
             resid = resid * torch.tensor(self._weights.embed_scale, dtype=resid.dtype)
         if not self.rotary:
-            resid = resid + model.W_pos[: tokens.shape[1]]
+            resid = resid + to_device(model.W_pos[: tokens.shape[1]], resid.device)
         return resid
 
     def run_with_cache(
@@ -137,12 +144,14 @@ class FastForward:
         return logits, store
 
     def final_norm(self, resid: Float[Tensor, "*rows d_model"]) -> Float[Tensor, "*rows d_model"]:
-        """``ln_final.hook_normalized``: the final residual stream through the final norm."""
-        return self._weights.ln_final(resid)
+        """``ln_final.hook_normalized``: the final residual stream through the final norm (on
+        the norm's device)."""
+        return self._weights.ln_final(to_device(resid, self.norm_device))
 
     def unembed(self, normalized: Float[Tensor, "*rows d_model"]) -> Float[Tensor, "*rows d_vocab"]:
-        """Logits from :meth:`final_norm`'s output (soft-capped where :attr:`final_softcap` is set)."""
-        logits = _block.linear(normalized, self._weights.unembed)
+        """Logits from :meth:`final_norm`'s output (soft-capped where :attr:`final_softcap` is
+        set), on the unembedding's device."""
+        logits = _block.linear(to_device(normalized, self.unembed_device), self._weights.unembed)
         return logits if self.final_softcap is None else soft_cap(logits, self.final_softcap)
 
     def resume_block(
@@ -165,10 +174,14 @@ class FastForward:
         * ``hook_mlp_out``: ``resid`` is the unedited ``hook_resid_mid``;
         * ``hook_resid_post``: ``act`` is the answer (``resid`` unused).
 
-        Same operations as :meth:`run`'s block; no hooks fire.
+        Same operations as :meth:`run`'s block; no hooks fire. Computed (and returned) on block
+        ``layer``'s device.
         """
         if point not in RESUME_POINTS:
             raise HookpatchError(f"resume_block: point {point!r} is not one of {RESUME_POINTS}.")
+        device = self.block_devices[layer]
+        act = to_device(act, device)
+        resid = None if resid is None else to_device(resid, device)
         if point in ("hook_resid_post", "hook_resid_mid"):
             w = self._weights.layers[layer]
             return act if point == "hook_resid_post" else act + _block.mlp(act, w, {}, None)
@@ -196,7 +209,7 @@ class FastForward:
         heads = [head] if isinstance(head, int) else list(head)
         rows = torch.cat([torch.arange(h * d, (h + 1) * d) for h in heads]).to(proj.weight.device)
         bias = None if proj.bias is None else proj.bias[rows]
-        out = torch.nn.functional.linear(w.ln1(x), proj.weight[rows], bias)
+        out = torch.nn.functional.linear(w.ln1(to_device(x, proj.weight.device)), proj.weight[rows], bias)
         return out if isinstance(head, int) else out.unflatten(-1, (len(heads), d))
 
     def heads_z(
@@ -217,18 +230,20 @@ class FastForward:
         w = self._weights.layers[layer]
         if w.qk_norm_flat:
             raise HookpatchError("heads_z: this variant normalizes all heads' queries together; run the block.")
+        device = self.block_devices[layer]
+        q, k, v = (to_device(t, device) for t in (q, k, v))
         rows, n_pos, n, d = q.shape
         positions = torch.arange(n_pos, device=q.device).repeat(rows)  # [rows * pos]
-        q, k_raw = q, k
+        k_raw = k
         if w.q_norm is not None and w.k_norm is not None:
             q, k_raw = w.q_norm(q), w.k_norm(k_raw)
         rope = self._rope(positions)
         if rope is not None:
-            cos, sin = rope[w.rope_table]
+            cos, sin = (to_device(t, device) for t in rope[w.rope_table])
             q = ops.apply_rotary(q.reshape(-1, n, d), cos, sin).view(rows, n_pos, n, d)
             k_raw = ops.apply_rotary(k_raw.reshape(-1, n, d), cos, sin).view(rows, n_pos, n, d)
         if k_ready is not None:
-            k_raw = torch.where(k_ready.view(1, 1, -1, 1), k, k_raw)
+            k_raw = torch.where(to_device(k_ready, device).view(1, 1, -1, 1), k, k_raw)
         mask = ops.causal_mask(torch.arange(n_pos, device=q.device), n_pos, w.window)
         scores = ops.attention_scores(q, k_raw, mask, w.scale, w.softcap)  # [rows, head, pos, key_pos]
         pattern = ops.attention_pattern(scores, float32_softmax=w.float32_softmax)
@@ -241,8 +256,8 @@ class FastForward:
 
     def attention_output(self, layer: int, z: Float[Tensor, "*rows head d_head"]) -> Float[Tensor, "*rows d_model"]:
         """Block ``layer``'s ``hook_attn_out`` from the z of every head (output projection,
-        then the post-attention norm where the variant has one)."""
-        return _block.attn_output(z, self._weights.layers[layer], {}, None)
+        then the post-attention norm where the variant has one), on the block's device."""
+        return _block.attn_output(to_device(z, self.block_devices[layer]), self._weights.layers[layer], {}, None)
 
     def head_output_is_linear(self, layer: int) -> bool:
         """True where block ``layer``'s ``hook_attn_out`` is the output projection of z itself
@@ -262,6 +277,7 @@ class FastForward:
         it, instead of the whole output projection (a sweep patching one head of ``n_heads``
         spends ``1 / n_heads`` of it). Only where :meth:`head_output_is_linear`."""
         weight = self._weights.layers[layer].o.weight  # [d_model, head * d_head]
+        delta, heads = to_device(delta, weight.device), to_device(heads, weight.device)
         d_head = self.d_head
         out = delta.new_zeros(delta.shape[0], weight.shape[0])  # [n, d_model]
         for h in heads.any(0).nonzero().flatten().tolist():
@@ -360,31 +376,45 @@ class FastForward:
     ) -> Tensor:
         """Blocks ``first..`` then the final norm and (``unembed``) the unembedding, on ``x``
         packed by ``layout``; in per-row mode both start None and rows join from ``resid`` at
-        the blocks ``joins`` names (rows joining at ``n_layers`` skip every block)."""
+        the blocks ``joins`` names (rows joining at ``n_layers`` skip every block).
+
+        Each block runs on its weights' device: the rows, their layout, the reads and the
+        frozen keys and values move there first (nothing moves on a single-device model)."""
         bound = self._bind(hooks, first)
         last_block_join = max((layer for layer in joins if layer < self.n_layers), default=first)
-        reads = None
+        reads = read_rows = None
         at_reads = False  # x holds just the read rows of every row
         for layer in range(first, self.n_layers + 1):
+            device = self.block_devices[layer] if layer < self.n_layers else self.norm_device
+            if x is not None and x.device != device:  # the previous block was on another device
+                assert layout is not None
+                x, layout = x.to(device), layout.to(device)
+                if read_rows is not None:  # the reads themselves stay put: they index rope tables and resid
+                    read_rows = read_rows.to(device)
             if layer in joins and not at_reads:
                 assert resid is not None
-                x, layout = lay.join(x, layout, joins[layer], resid), joins[layer]
+                resid = to_device(resid, device)
+                joined = joins[layer].to(device)
+                x, layout = lay.join(x, layout, joined, resid), joined
                 reads = None  # the packed rows changed
             assert x is not None and layout is not None
             if reads is None and read_pos is not None and not at_reads and last_block_join <= layer:
-                reads = checks.read_index(read_pos.to(x.device), layout.n_pos, layout.batch)
-                read_rows = lay.packed_rows(layout, reads)  # [batch, n_read]
+                reads = checks.read_index(read_pos, layout.n_pos, layout.batch)  # on read_pos's device
+                read_rows = lay.packed_rows(layout, to_device(reads, x.device))  # [batch, n_read]
             if layer == self.n_layers:
                 break
             lh = bound[layer - first]
             kv = None if known is None or layout.index is None else known[layer - first]
+            kv = None if kv is None else (to_device(kv[0], device), to_device(kv[1], device))
             if reads is not None and layer == self.n_layers - 1 and lh.keys() <= ALL_ROW_POINTS:
+                assert read_rows is not None
                 x = self._last_block_at_reads(x, lh, layout, reads, read_rows, kv, resid)
                 at_reads, reads = True, None
             else:
                 x = _block.block(x, self._weights.layers[layer], lh, layout, layout, None, kv, self._heads)
         assert x is not None and layout is not None
         if reads is not None:
+            assert read_rows is not None
             x = x[read_rows.flatten()]  # [batch * n_read, d_model]
         if final_edit is not None:
             if read_pos is None:
@@ -408,25 +438,30 @@ class FastForward:
         """The last block with only the read positions as queries: ``[batch * n_read, d_model]``.
 
         Rows that have not started (in per-row mode, those joining after the last block) take
-        their residual at the reads from ``resid``, where it is final already."""
+        their residual at the reads from ``resid``, where it is final already. ``reads`` may be
+        on another device than ``x`` (``read_rows`` is on its)."""
         w = self._weights.layers[-1]
         started = layout.rows  # None: every row
         if started is None:
-            queries = lay.read_layout(reads, self._rope)
+            queries = lay.read_layout(reads, self._rope).to(x.device)
             return _block.block(x, w, lh, layout, queries, read_rows.flatten(), kv, self._heads)
         assert resid is not None
-        queries = lay.read_layout(reads[started], self._rope)
+        queries = lay.read_layout(reads[to_device(started, reads.device)], self._rope).to(x.device)
         computed = _block.block(x, w, lh, layout, queries, read_rows[started].flatten(), kv, self._heads)
-        out = resid.gather(1, reads.unsqueeze(-1).expand(-1, -1, resid.shape[-1]))  # [batch, n_read, d_model]
+        resid = to_device(resid, x.device)
+        index = to_device(reads, x.device).unsqueeze(-1).expand(-1, -1, resid.shape[-1])
+        out = resid.gather(1, index)  # [batch, n_read, d_model]
         out[started] = computed.view(started.shape[0], -1, out.shape[-1])
         return out.flatten(0, 1)
 
     # ------------------------------------------------------------------------ helpers
 
     def _rope(self, positions: Int[Tensor, " n"]) -> dict[str | None, tuple[Tensor, Tensor]] | None:
-        """Per rotary table, cos/sin at ``positions``, growing the tables as needed."""
+        """Per rotary table, cos/sin at ``positions``, growing the tables as needed (on the
+        tables' device: a layout moves them to its block's)."""
         if not self._tables:
             return None
+        positions = to_device(positions, next(iter(self._tables.values()))[0].device)
         n_keys = int(positions.max()) + 1 if positions.numel() else 0
         out = {}
         for table, (cos, sin) in self._tables.items():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -129,6 +129,27 @@ class Layout:
     def narrow(self, t: Float[Tensor, " batch *rest"]) -> Float[Tensor, " n_rows *rest"]:
         """All rows -> attention rows, the inverse of :meth:`widen`."""
         return t if self.rows is None else t.index_select(0, self.rows)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the layout's index tensors live (the block it serves must be there too)."""
+        return self.pos.device
+
+    def to(self, device: torch.device) -> Layout:
+        """This layout with every tensor on ``device`` (itself when they are there already):
+        a block on another device of a split model needs its indices and rotary tables there."""
+        tables = [t for pair in (self.rope or {}).values() for t in pair]  # may lie on the tables' device
+        if self.pos.device == device and all(t.device == device for t in tables):
+            return self
+
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device)
+
+        rope = None if self.rope is None else {k: (c.to(device), s.to(device)) for k, (c, s) in self.rope.items()}
+        return replace(
+            self, index=move(self.index), pos=self.pos.to(device), query_pos=self.query_pos.to(device), rope=rope,
+            rows=move(self.rows), attn_index=move(self.attn_index),
+        )
 
 
 def fire_packed(bound: Bound, point: str, x: Tensor, layout: Layout | None) -> Tensor:

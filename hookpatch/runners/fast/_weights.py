@@ -95,7 +95,7 @@ def unembed_proj(model: Any) -> Proj:
     """The unembedding as a projection (a zero bias dropped: adding it changes no bits)."""
     unembed = model.unembed.original_component
     bias = getattr(unembed, "bias", None)
-    return Proj(unembed.weight.detach(), None if bias is None or not bool(bias.any()) else bias.detach())
+    return Proj(unembed.weight.detach(), None if bias is None or _all(bias, 0.0) else bias.detach())
 
 
 def norm_fn(bridge: Any, cfg: Any) -> Norm:
@@ -118,9 +118,16 @@ def norm_fn(bridge: Any, cfg: Any) -> Norm:
         python_layer_norm,
         eps=float(getattr(cfg, "eps", 1e-5)),
         center=not bridge.uses_rms_norm,
-        weight=None if bool((weight == 1).all()) else weight,
-        bias=None if bias is None or not bool(bias.any()) else bias,
+        weight=None if _all(weight, 1.0) else weight,
+        bias=None if bias is None or _all(bias, 0.0) else bias,
     )
+
+
+def _all(t: Tensor, value: float) -> bool:
+    """Whether every entry of ``t`` equals ``value`` (a no-op weight or bias to drop); False for
+    a tensor on the ``meta`` device, whose values cannot be read (it is kept, and its shape
+    still flows through the block)."""
+    return t.device.type != "meta" and bool((t == value).all())
 
 
 def fused(act: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
