@@ -23,6 +23,7 @@ from hookpatch.attribution import (
     site_attributions,
 )
 from hookpatch.attribution._compare import average_ranks
+from hookpatch.attribution._jobs import IGContext
 from hookpatch.attribution._sites import atp_gradients, ig_gradients
 from hookpatch.errors import HookpatchError
 from hookpatch.metrics import AnswerLoss, LogitDiff, Normalized
@@ -145,7 +146,8 @@ def test_integrated_gradients_steps_one_is_attribution_and_more_steps_converge(m
     _, acts, grads = atp_gradients(model, prompts.corrupted_tokens, names, metric)
     _, clean = model.run_with_cache(prompts.clean_tokens)
     diffs = {n: clean[n] - acts[n] for n in names}
-    ig = ig_gradients(model, prompts.corrupted_tokens, diffs, metric, steps=1, steps_per_pass=8, progress=False)
+    context = IGContext(model, prompts.corrupted_tokens, diffs, metric)
+    ig = ig_gradients(context, steps=1, steps_per_pass=8, progress=False)
     assert all(torch.equal(ig[n], grads[n]) for n in names)  # alpha = 0 is the corrupted run itself
 
     atp = attribution_sweep(model, prompts, metric, "z", by=("layer", "head"), progress=False)

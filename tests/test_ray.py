@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from hookpatch import ablation_sweep, patch_sweep
+from hookpatch.attribution import attribution_sweep
 from hookpatch.circuits import compare_edges, edge_patch, faithfulness_curve, graph, path_patch_sweep
 from hookpatch.errors import HookpatchError
 from hookpatch.metrics import LogitDiff
@@ -170,3 +171,14 @@ def test_more_workers_than_the_cluster_has(executor, gpt2_model, small_prompts):
     big = RayExecutor(workers=5)
     with pytest.raises(HookpatchError, match="has 2 CPUs"):
         patch_sweep(model, prompts, LogitDiff(prompts), "resid_pre", executor=big, progress=False)
+
+
+def test_integrated_gradients_equal_in_process(executor, model, small_prompts):
+    """Integrated gradients' per-site jobs on the workers; plain AtP stays in process."""
+    prompts = small_prompts[id(model)]
+    metric = LogitDiff(prompts)
+    for component, by in (("resid_mid", ("layer", "pos")), ("result", ("layer", "head"))):
+        remote, local = both(executor, lambda ex, c=component, b=by: attribution_sweep(
+            model, prompts, metric, c, by=b, steps=4, steps_per_pass=3, executor=ex, progress=False))
+        assert torch.equal(remote.values, local.values), component
+        assert remote.provenance == local.provenance

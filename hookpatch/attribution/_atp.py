@@ -71,6 +71,7 @@ def attribution_sweep(
     heads: IntsLike = None,
     steps_per_pass: IntLike = 8,
     progress: bool = True,
+    executor: Any = None,
 ) -> SweepResult:
     """Attribution patching (``steps=1``) or integrated gradients of ``component`` over a grid.
 
@@ -96,7 +97,10 @@ def attribution_sweep(
             every column; for padded prompts of different lengths, the prompt set's named
             positions (IOI: IO, S1, S1+1, S2, END), since a column may be padding in some prompt.
         steps_per_pass: interpolation points stacked into one forward (IG; lower saves memory).
-        progress: progress bar over the IG passes.
+        progress: progress bar over the IG sites.
+        executor: runs integrated gradients' jobs, one per layer's site (default: in this
+            process; :class:`~hookpatch.runners.RayExecutor` spreads them over workers).
+            Attribution patching (``steps=1``) is one pass and always runs here.
 
     Returns:
         A :class:`SweepResult` whose ``values[*grid, batch]`` are estimated metric changes
@@ -112,7 +116,7 @@ def attribution_sweep(
     with hook_flags(model, [component]):  # e.g. hook_result fires only with use_attn_result
         sites = site_attributions(
             model, prompts, metric, [hook(layer) for layer in grid.layers], direction=direction,
-            steps=steps, steps_per_pass=steps_per_pass, progress=progress,
+            steps=steps, steps_per_pass=steps_per_pass, progress=progress, executor=executor,
         )
     values = torch.stack([_reduce(grid, columns, sites.attributions[hook(layer)].cpu()) for layer in grid.layers])
     base, target = sites.base, sites.target

@@ -169,7 +169,7 @@ def compare(
         sign_tol: values with ``|x| <= sign_tol`` count as sign 0 in the sign agreement.
         level, n_resamples, seed: the bootstrap over prompts.
         fast: activation patching's runner choice. progress: progress bars.
-        executor: runs activation patching's jobs (default: in order, in this process).
+        executor: runs activation patching's jobs and integrated gradients' (default: in this process).
     """
     from hookpatch.sweeps._patching import patch_sweep
 
@@ -180,7 +180,7 @@ def compare(
     grid = dict(by=by, direction=direction, layers=layers, positions=positions, heads=heads, progress=progress)
     # attribution first: it refuses a metric without gradients after a few passes, not a whole sweep
     attribution = attribution_sweep(
-        model, prompts, metric, component, steps=steps, steps_per_pass=steps_per_pass, **grid
+        model, prompts, metric, component, steps=steps, steps_per_pass=steps_per_pass, executor=executor, **grid
     )
     activation = patch_sweep(model, prompts, metric, component, fast=fast, executor=executor, **grid)
     return compare_results(

@@ -35,13 +35,14 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from hookpatch._checks import IntLike, as_count, as_metric, require_finite_runs, require_metric_values
+from hookpatch.attribution._jobs import IGContext, IGRecipe, flagged_components, site_jobs
 from hookpatch.errors import HookpatchError
 from hookpatch.metrics._base import Metric
 from hookpatch.model._facts import edits_in_place, hook_name
 from hookpatch.model._loading import require_eval
+from hookpatch.runners._executor import require_executor
 from hookpatch.tasks._promptset import PromptSet
 
 DIRECTIONS = ("denoising", "noising")
@@ -92,6 +93,7 @@ def site_attributions(
     steps: IntLike = 1,
     steps_per_pass: IntLike = 8,
     progress: bool = True,
+    executor: Any = None,
 ) -> SiteAttributions:
     """Gradient × (target − base) at each hook point in ``hook_names``, per prompt.
 
@@ -110,7 +112,10 @@ def site_attributions(
             Riemann points ``alpha = k/N``, ``k = 0..N-1``, interpolating one site at a time
             (see :mod:`hookpatch.attribution._atp`).
         steps_per_pass: interpolation points stacked into one forward (IG only).
-        progress: show a progress bar over IG passes.
+        progress: show a progress bar over IG's sites.
+        executor: runs IG's per-site jobs (:mod:`hookpatch.attribution._jobs`; default: in
+            this process; a :class:`~hookpatch.runners.RayExecutor` spreads the sites over its
+            workers). Plain attribution patching is one pass and always runs here.
     """
     steps, steps_per_pass = check_options(direction, steps, steps_per_pass)
     metric = as_metric(metric, prompts)
@@ -145,7 +150,10 @@ def site_attributions(
             base, base_acts = capture(model, base_tokens, names, metric)
             require_finite_runs(metric, {base_run: base})
             diffs = {n: target_acts[n] - base_acts[n] for n in names}
-            grads = ig_gradients(model, base_tokens, diffs, metric, steps, steps_per_pass, progress)
+            flags = flagged_components(model)
+            context = IGContext(model, base_tokens, diffs, metric, flags,
+                                IGRecipe(prompts, metric, tuple(names), direction, flags))
+            grads = ig_gradients(context, steps, steps_per_pass, progress, executor)
     finally:
         release_graphs(model)
     attributions = {n: grads[n].float() * (target_acts[n].float() - base_acts[n].float()) for n in names}
@@ -263,34 +271,19 @@ def atp_gradients(
 
 
 def ig_gradients(
-    model: Any,
-    tokens: Int[Tensor, "batch pos"],
-    diffs: Mapping[str, Tensor],
-    metric: Metric,
-    steps: int,
-    steps_per_pass: int,
-    progress: bool,
+    context: IGContext, steps: int, steps_per_pass: int, progress: bool, executor: Any = None
 ) -> dict[str, Tensor]:
     """Mean gradient at each site along ``base + alpha · diff``, one site interpolated at a time.
 
     ``alpha`` runs over ``k / steps`` for ``k = 0..steps-1``; ``steps_per_pass`` of them are
     stacked along the batch in one forward. With ``steps=1`` the only point is ``alpha=0``,
-    the base run itself, so this equals :func:`atp_gradients`.
+    the base run itself, so this equals :func:`atp_gradients`. Each site is one
+    :class:`~hookpatch.attribution._jobs.SiteJob`, run by ``executor``.
     """
-    batch = int(tokens.shape[0])
-    alphas = torch.arange(steps, dtype=torch.float32) / steps
-    chunks = list(alphas.split(steps_per_pass))
-    total: dict[str, Tensor] = {}
-    bar = tqdm(total=len(diffs) * len(chunks), desc="integrated gradients", disable=not progress)
-    try:
-        for name, diff in diffs.items():
-            for chunk in chunks:
-                grad = _interpolated_gradient(model, tokens, name, diff, chunk.to(diff.device), metric, batch)
-                total[name] = grad if name not in total else total[name] + grad
-                bar.update(1)
-    finally:
-        bar.close()
-    return {n: g / steps for n, g in total.items()}
+    names = list(context.diffs)
+    sums = require_executor(executor).run(site_jobs(names, steps, steps_per_pass), context, progress=progress,
+                                          desc="integrated gradients")
+    return {n: total.to(context.diffs[n].device) / steps for n, total in zip(names, sums, strict=True)}
 
 
 def _interpolated_gradient(
