@@ -176,6 +176,10 @@ def test_bad_input_and_nothing_left_behind(gpt2_model, small_prompts):
         edge_attribution(gpt2_model, prompts, LogitDiff(prompts), method="acdc", progress=False)
     with pytest.raises(HookpatchError, match="steps"):
         edge_attribution(gpt2_model, prompts, LogitDiff(prompts), method="eap-ig", steps=0, progress=False)
+    with pytest.raises(HookpatchError, match="steps_per_job"):
+        edge_attribution(gpt2_model, prompts, LogitDiff(prompts), method="eap-ig", steps_per_job=0, progress=False)
+    with pytest.raises(HookpatchError, match="executor"):
+        edge_attribution(gpt2_model, prompts, LogitDiff(prompts), method="eap-ig", executor=object, progress=False)
     gpt2_model.train()
     try:
         with pytest.raises(HookpatchError, match="eval"):

@@ -12,7 +12,7 @@ import torch
 
 from hookpatch import ablation_sweep, patch_sweep
 from hookpatch.attribution import attribution_sweep
-from hookpatch.circuits import compare_edges, edge_patch, faithfulness_curve, graph, path_patch_sweep
+from hookpatch.circuits import compare_edges, edge_attribution, edge_patch, faithfulness_curve, graph, path_patch_sweep
 from hookpatch.errors import HookpatchError
 from hookpatch.metrics import LogitDiff
 from hookpatch.model import load_spec, tiny_model
@@ -182,3 +182,14 @@ def test_integrated_gradients_equal_in_process(executor, model, small_prompts):
             model, prompts, metric, c, by=b, steps=4, steps_per_pass=3, executor=ex, progress=False))
         assert torch.equal(remote.values, local.values), component
         assert remote.provenance == local.provenance
+
+
+def test_eap_ig_jobs_equal_in_process(executor, model, small_prompts):
+    """EAP-IG's points after the first, one job each, on the workers."""
+    prompts = small_prompts[id(model)]
+    metric = LogitDiff(prompts)
+    for per_position in (False, True):
+        remote, local = both(executor, lambda ex, p=per_position: edge_attribution(
+            model, prompts, metric, method="eap-ig", steps=4, steps_per_job=1, per_position=p, executor=ex,
+            progress=False))
+        assert torch.equal(remote.values, local.values), per_position

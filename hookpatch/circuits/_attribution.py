@@ -28,12 +28,12 @@ over ``("edge",)`` (or ``("edge", "pos")`` per position), labelled by edge
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from hookpatch._checks import IntLike, as_int, as_metric, metric_name, require_finite_result
 from hookpatch._provenance import Provenance, run_facts
@@ -45,6 +45,7 @@ from hookpatch.metrics._base import Metric
 from hookpatch.model._facts import hook_flags, hook_name, resid_entering
 from hookpatch.model._loading import require_eval
 from hookpatch.results import SweepResult
+from hookpatch.runners._executor import require_executor
 from hookpatch.tasks._promptset import PromptSet
 
 METHODS = ("eap", "eap-ig")
@@ -62,6 +63,8 @@ def edge_attribution(
     per_position: bool = False,
     graph: Graph | None = None,
     progress: bool = True,
+    steps_per_job: IntLike | None = None,
+    executor: Any = None,
 ) -> SweepResult:
     """Attribution scores of every edge of the graph (see the module docstring).
 
@@ -81,7 +84,12 @@ def edge_attribution(
             the corrupted run) or ``"noising"`` (corrupted into clean).
         per_position: keep the position axis (``values[edge, pos, batch]``).
         graph: the model's graph (default: built from the model).
-        progress: a progress bar over the gradient passes.
+        progress: a progress bar over EAP-IG's jobs.
+        steps_per_job, executor: EAP-IG's points after the first (``alpha > 0``) are cut into
+            jobs of ``steps_per_job`` points (default: one job), each scoring its own points,
+            run by ``executor`` (default: in this process; a
+            :class:`~hookpatch.runners.RayExecutor` with ``steps_per_job=1`` spreads them over
+            its workers). The first point, the target run itself, always runs here.
 
     Returns:
         A :class:`SweepResult` of kind ``"attribution_estimate"`` over ``("edge",)`` (or
@@ -100,20 +108,31 @@ def edge_attribution(
     target_tokens, source_tokens = prompts.corrupted_tokens, prompts.clean_tokens
     if direction == "noising":
         target_tokens, source_tokens = source_tokens, target_tokens
-    n = g.facts.n_layers
-    first = hook_name("resid_pre", 0)
-    names = [first] + [hook_name(c, layer) for layer in range(n) for c in ("z", "mlp_out")]  # the senders' outputs
+    per_job = n_steps - 1 if steps_per_job is None else as_int(
+        steps_per_job, "steps_per_job", minimum=1, hint=" (EAP-IG points per job, e.g. 1 to spread them)")
+    executor = require_executor(executor)
+    names = sender_outputs(g.facts.n_layers)
+    first = names[0]
     source_values, s_cache = capture(model, source_tokens, names, metric)  # stops at the unembedding's input
-    try:
-        grads, target_values, t_cache = receiver_gradients(
-            model, g, metric, target_tokens, s_cache[first], n_steps, progress, keep=names
-        )
+    sites = receiver_sites(g)
+    try:  # the target run itself (alpha = 0): its gradients, metric and sender outputs
+        grads, target_values, t_cache = step_gradients(model, metric, target_tokens, sites, g.facts.n_layers,
+                                                        0.0, None, keep=names)
     finally:
         release_graphs(model)
     with torch.no_grad():
         deltas = sender_deltas(model, g, t_cache, s_cache)  # [sender, batch, pos, d_model]
+    values = scores(g, deltas, grads, per_position)
+    if n_steps > 1:
+        recipe = EdgeIGRecipe(prompts, metric, g, direction)
+        context = EdgeIGContext(model, g, metric, target_tokens, s_cache[first] - t_cache[first], deltas, recipe)
+        ks = list(range(1, n_steps))
+        jobs = [StepsJob(tuple(ks[i : i + per_job]), n_steps, per_position) for i in range(0, len(ks), per_job)]
+        for part in executor.run(jobs, context, progress=progress, desc="edge attribution (EAP-IG)"):
+            values = values + part.to(values.device)
+        values = values / n_steps
     source_values, target_values = source_values.cpu(), target_values.cpu()
-    values = scores(g, deltas, grads, per_position).cpu()  # [edge, (pos,) batch]
+    values = values.cpu()  # [edge, (pos,) batch]
     clean, corrupted = (source_values, target_values) if direction == "denoising" else (target_values, source_values)
     provenance = Provenance(
         kind="attribution_estimate", method="eap" if method == "eap" else "eap_ig", direction=direction,
@@ -148,51 +167,111 @@ def sender_deltas(model: Any, g: Graph, target: Any, source: Any) -> Float[Tenso
     return torch.stack(out)
 
 
-def receiver_gradients(
-    model: Any,
-    g: Graph,
-    metric: Metric,
-    tokens: Tensor,
-    source_input: Float[Tensor, "batch pos d_model"],
-    n_steps: int,
-    progress: bool,
-    keep: Sequence[str] = (),
-) -> tuple[dict[tuple[int, str], Tensor], Float[Tensor, " batch"], dict[str, Tensor]]:
-    """The metric's gradient at every receiver input, per site ``(layer, input)``: ``[batch,
-    pos, head, d_model]`` for q/k/v (KV heads for k/v), ``[batch, pos, d_model]`` for an MLP's
-    input and the logits' (the final residual stream); averaged over the EAP-IG points
-    ``alpha = k / n_steps`` of the input embeddings ``target + alpha (source_input - target)``
-    (only ``alpha = 0``, the target run itself, for EAP). Also the metric on the target run and
-    its activations at ``keep``, read in the first pass (``alpha = 0``)."""
+def sender_outputs(n_layers: int) -> list[str]:
+    """The hooks holding every sender's output: the embeddings, each block's z and MLP output."""
+    return [hook_name("resid_pre", 0)] + [hook_name(c, layer) for layer in range(n_layers) for c in ("z", "mlp_out")]
+
+
+Site = tuple[int, str]
+
+
+def receiver_sites(g: Graph) -> list[tuple[Site, str]]:
+    """Where receiver gradients are read, as ``((layer, input), hook name)``: each head's query,
+    key and value (before q/k norms and rotary; carried back to its own input by
+    :func:`_head_input_gradients`), each block's input (kept, for ``ln1``'s Jacobian), each
+    MLP's input and the final residual stream."""
     n = g.facts.n_layers
-    sites: list[tuple[tuple[int, str], str]] = []
+    sites: list[tuple[Site, str]] = []
     for layer in range(n):
-        # a head's q/k/v projection output: the gradient at its own input follows by the chain rule
         sites += [((layer, kind), hook_name(kind, layer)) for kind in ("q", "k", "v")]
-        sites.append(((layer, "input"), hook_name("resid_pre", layer)))  # kept, for ln1's Jacobian
+        sites.append(((layer, "input"), hook_name("resid_pre", layer)))
         if g.has_mlps:
             sites.append(((layer, "mlp"), hook_name("mlp_in", layer)))
     sites.append(((n, "logits"), resid_entering(n, n)))
-    total: dict[tuple[int, str], Tensor] = {}
-    target_values: Tensor | None = None
+    return sites
+
+
+def step_gradients(
+    model: Any,
+    metric: Metric,
+    tokens: Tensor,
+    sites: list[tuple[Site, str]],
+    n_layers: int,
+    alpha: float,
+    shift: Float[Tensor, "batch pos d_model"] | None,
+    keep: Sequence[str] = (),
+) -> tuple[dict[Site, Tensor], Float[Tensor, " batch"], dict[str, Tensor]]:
+    """The metric's gradient at every receiver input with the input embeddings moved by
+    ``alpha · shift``: ``[batch, pos, head, d_model]`` for q/k/v (KV heads for k/v), ``[batch,
+    pos, d_model]`` for an MLP's input and the logits'; also the metric and copies of the
+    activations at ``keep``."""
     kept: dict[str, Tensor] = {}
-    shift = None
-    bar = tqdm(total=n_steps, desc="edge attribution", disable=not progress, leave=False)
-    try:
-        with hook_flags(model, ["mlp_in"]):  # the MLP branch's own input
-            for k in range(n_steps):
-                store = kept if k == 0 else None
-                grads, values = _gradients_at(model, metric, tokens, sites, k / n_steps, shift, store, keep)
-                if k == 0:
-                    target_values = values
-                    shift = source_input - grads[(0, "input")]  # the embeddings' difference
-                for site, grad in _head_input_gradients(model, n, grads).items():
+    with hook_flags(model, ["mlp_in"]):  # the MLP branch's own input
+        grads, values = _gradients_at(model, metric, tokens, sites, alpha, shift, kept if keep else None, keep)
+        return _head_input_gradients(model, n_layers, grads), values, kept
+
+
+@dataclass(frozen=True)
+class EdgeIGContext:
+    """What a worker owns to run EAP-IG's :class:`StepsJob` s: the model and its graph, the
+    metric, the target run's tokens, the input embeddings' difference (source − target) and
+    every sender's output difference."""
+
+    model: Any
+    graph: Graph
+    metric: Metric
+    tokens: Tensor
+    shift: Float[Tensor, "batch pos d_model"]
+    deltas: Float[Tensor, "sender batch pos d_model"]
+    recipe: EdgeIGRecipe | None = None
+
+
+@dataclass(frozen=True)
+class EdgeIGRecipe:
+    """How to build an :class:`EdgeIGContext` from a model (plain, picklable data): both runs
+    captured at every sender output with two no-grad forwards."""
+
+    prompts: PromptSet
+    metric: Metric
+    graph: Graph
+    direction: str
+
+    def build(self, model: Any) -> EdgeIGContext:
+        target_tokens, source_tokens = self.prompts.corrupted_tokens, self.prompts.clean_tokens
+        if self.direction == "noising":
+            target_tokens, source_tokens = source_tokens, target_tokens
+        names = sender_outputs(self.graph.facts.n_layers)
+        _, s_cache = capture(model, source_tokens, names, self.metric)
+        _, t_cache = capture(model, target_tokens, names, self.metric)
+        with torch.no_grad():
+            deltas = sender_deltas(model, self.graph, t_cache, s_cache)
+        shift = s_cache[names[0]] - t_cache[names[0]]
+        return EdgeIGContext(model, self.graph, self.metric, target_tokens, shift, deltas, self)
+
+
+@dataclass(frozen=True)
+class StepsJob:
+    """EAP-IG's points ``alpha = k / n_steps`` for ``k`` in ``steps``: the edge scores of the sum
+    of their gradients, ``[edge, (pos,) batch]`` (divided by ``n_steps`` by the caller)."""
+
+    steps: tuple[int, ...]
+    n_steps: int
+    per_position: bool
+
+    def run(self, context: EdgeIGContext) -> Tensor:
+        model, g = context.model, context.graph
+        sites = receiver_sites(g)
+        total: dict[Site, Tensor] = {}
+        try:
+            for k in self.steps:
+                grads, _, _ = step_gradients(model, context.metric, context.tokens, sites, g.facts.n_layers,
+                                             k / self.n_steps, context.shift)
+                for site, grad in grads.items():
                     total[site] = grad if site not in total else total[site] + grad
-                bar.update(1)
-    finally:
-        bar.close()
-    assert target_values is not None
-    return {site: grad / n_steps for site, grad in total.items()}, target_values, kept
+        finally:
+            release_graphs(model)
+        with torch.no_grad():
+            return scores(g, context.deltas, total, self.per_position).cpu()
 
 
 def _head_input_gradients(model: Any, n_layers: int, grads: dict[tuple[int, str], Tensor]) -> dict[
