@@ -193,3 +193,14 @@ def test_eap_ig_jobs_equal_in_process(executor, model, small_prompts):
             model, prompts, metric, method="eap-ig", steps=4, steps_per_job=1, per_position=p, executor=ex,
             progress=False))
         assert torch.equal(remote.values, local.values), per_position
+
+
+@pytest.mark.parametrize("numel", [1, 2, 15, 16, 17, 38597376, 2**31 + 7])
+def test_weight_sample_indices_stay_inside(numel):
+    """Evenly spaced, first and last included, never past the end (a float32 linspace is, at
+    GPT-2's embedding size)."""
+    from hookpatch.runners._ray import sample_index
+
+    idx = sample_index(numel)
+    assert idx.dtype == torch.long and len(idx) == min(16, numel)
+    assert int(idx[0]) == 0 and int(idx[-1]) == numel - 1 and bool((idx[1:] > idx[:-1]).all())

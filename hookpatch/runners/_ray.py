@@ -49,9 +49,17 @@ def weight_sample(model: Any) -> dict[str, torch.Tensor]:
     out = {}
     for name, p in model.named_parameters():
         flat = p.detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLES, flat.numel())).long().to(flat.device)
-        out[name] = flat[idx].float().cpu()
+        out[name] = flat[sample_index(flat.numel()).to(flat.device)].float().cpu()
     return out
+
+
+def sample_index(numel: int, k: int = _SAMPLES) -> torch.Tensor:
+    """``min(k, numel)`` evenly spaced indices from 0 to ``numel - 1``, in integer arithmetic
+    (a float32 linspace rounds past the end of a tensor with tens of millions of entries)."""
+    k = min(k, numel)
+    if k <= 1:
+        return torch.zeros(k, dtype=torch.long)
+    return torch.arange(k, dtype=torch.long) * (numel - 1) // (k - 1)
 
 
 def _same_weights(mine: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> str | None:
@@ -143,7 +151,10 @@ class RayExecutor:
 
     Pass it as ``executor=`` to :func:`~hookpatch.patch_sweep`, :func:`~hookpatch.ablation_sweep`,
     :func:`~hookpatch.attribution.compare`, :func:`~hookpatch.circuits.edge_patch`,
-    :func:`~hookpatch.circuits.path_patch_sweep` or the faithfulness functions. The actors
+    :func:`~hookpatch.circuits.path_patch_sweep`, the faithfulness functions,
+    :func:`~hookpatch.circuits.compare_edges`, and to the integrated-gradients forms of
+    :func:`~hookpatch.attribution.attribution_sweep` (``steps > 1``: a job per site) and
+    :func:`~hookpatch.circuits.edge_attribution` (``method="eap-ig"``, ``steps_per_job=1``). The actors
     start on the first call and are kept (with their model) for the next; :meth:`shutdown`
     (or leaving a ``with`` block) stops them.
 
