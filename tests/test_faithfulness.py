@@ -17,6 +17,7 @@ from hookpatch.circuits import _faithfulness as faith_module
 from hookpatch.circuits import edge_patch, graph
 from hookpatch.circuits._circuit import Circuit, greedy, prune, receiver_nodes, threshold, top_n
 from hookpatch.circuits._faithfulness import faithfulness, faithfulness_curve
+from hookpatch.circuits._graph import EdgeIndices
 from hookpatch.errors import HookpatchError
 from hookpatch.tasks import pronoun_prompts
 
@@ -254,3 +255,56 @@ def test_ablated_faithfulness_is_normalized_by_the_fully_ablated_model(gpt2_mode
                        direction="noising", ablation=ablation).values
     expected = (plain[0].mean() - plain[1].mean()) / (res.clean.mean() - plain[1].mean())
     torch.testing.assert_close(res.faithfulness[2].double(), expected.double(), atol=1e-5, rtol=0)
+
+
+def _reference_prune(g, edges):
+    """Node-set reachability written out edge by edge: keep an edge whose sender the input
+    reaches and one of whose receiver's nodes reaches the logits."""
+    def nodes_of(r):
+        if r.input == "logits":
+            return [g.nodes[-1]]
+        if r.input == "mlp":
+            return [n for n in g.nodes if n.kind == "mlp" and n.layer == r.layer]
+        heads = g.query_heads(r)
+        return [n for n in g.nodes if n.kind == "head" and n.layer == r.layer and n.head in heads]
+
+    reach_fwd, reach_bwd = {g.nodes[0]}, {g.nodes[-1]}
+    changed = True
+    while changed:
+        changed = False
+        for e in edges:
+            if e.sender in reach_fwd:
+                for n in nodes_of(e.receiver):
+                    if n not in reach_fwd:
+                        reach_fwd.add(n)
+                        changed = True
+            if any(n in reach_bwd for n in nodes_of(e.receiver)) and e.sender not in reach_bwd:
+                reach_bwd.add(e.sender)
+                changed = True
+    return [e for e in edges if e.sender in reach_fwd and any(n in reach_bwd for n in nodes_of(e.receiver))]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_prune_equals_edge_by_edge_reachability(gpt2_model, llama_model, seed):
+    """Random circuits of several sizes on a plain and a grouped-query graph."""
+    gen = torch.Generator().manual_seed(seed)
+    for model in (gpt2_model, llama_model):
+        g = graph(model)
+        for n in (5, 20, 60):
+            picked = sorted(torch.randperm(g.n_edges, generator=gen)[:n].tolist())
+            c = Circuit(g, tuple(g.edge_at(i) for i in picked))
+            assert prune(c).edges == tuple(_reference_prune(g, list(c.edges)))
+            assert c.complement() == tuple(e for e in g.edges if e not in set(c.edges))
+            assert c.complement_indices().indices == tuple(i for i in range(g.n_edges) if i not in set(picked))
+
+
+def test_edge_indices_are_checked_and_equal_edge_lists(gpt2_model, small_prompts):
+    prompts = small_prompts[id(gpt2_model)]
+    g = graph(gpt2_model)
+    chosen = (0, 7, 40)
+    by_index = edge_patch(gpt2_model, prompts, LogitDiff(prompts), edges=EdgeIndices(chosen))
+    by_edge = edge_patch(gpt2_model, prompts, LogitDiff(prompts), edges=[g.edge_at(i) for i in chosen])
+    assert torch.equal(by_index.values, by_edge.values)
+    for bad in ((3, 1), (0, g.n_edges), (-1, 2), (2, 2)):
+        with pytest.raises(HookpatchError, match="EdgeIndices"):
+            edge_patch(gpt2_model, prompts, LogitDiff(prompts), edges=EdgeIndices(bad))

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import heapq
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from hookpatch._checks import is_int
-from hookpatch.circuits._graph import Edge, Graph, Node, Receiver, _graph
+from hookpatch.circuits._graph import Edge, EdgeIndices, Graph, Node, Receiver, _graph
 from hookpatch.errors import HookpatchError
 from hookpatch.model._facts import ModelFacts
 
@@ -126,8 +126,12 @@ class Circuit:
 
     def complement(self) -> tuple[Edge, ...]:
         """Every edge of the graph outside the circuit, in graph order."""
-        inside = set(self._index)
-        return tuple(e for i, e in enumerate(self.graph.edges) if i not in inside)
+        return tuple(self.graph.edge_at(i) for i in self.complement_indices().indices)
+
+    def complement_indices(self) -> EdgeIndices:
+        """The positions in ``graph.edges`` of every edge outside the circuit (what edge
+        patching takes without an :class:`Edge` per edge)."""
+        return EdgeIndices(tuple((~self.mask()).nonzero().flatten().tolist()))
 
     def __len__(self) -> int:
         return len(self.edges)
@@ -248,7 +252,7 @@ def _check_bool(value: Any, arg: str) -> bool:
 
 def _build(graph: Graph, scores: Tensor, picked: Iterable[int], method: str, do_prune: bool) -> Circuit:
     picked = sorted(set(picked))
-    c = Circuit(graph, tuple(graph.edge_at(i) for i in picked), tuple(float(scores[i]) for i in picked), method)
+    c = _trusted(graph, picked, tuple(scores[picked].tolist()) if picked else (), method)
     return prune(c) if _check_bool(do_prune, "prune") else c
 
 
@@ -323,26 +327,37 @@ def prune(circuit: Circuit) -> Circuit:
     if not isinstance(circuit, Circuit):
         raise HookpatchError(f"circuit: expected a Circuit, got {type(circuit).__name__}.")
     g = circuit.graph
-    forward: dict[Node, set[Node]] = {}
-    backward: dict[Node, set[Node]] = {}
-    for e in circuit.edges:
-        for node in receiver_nodes(g, e.receiver):
-            forward.setdefault(e.sender, set()).add(node)
-            backward.setdefault(node, set()).add(e.sender)
-    from_input = _reach(g.nodes[0], forward)
-    to_logits = _reach(g.nodes[-1], backward)
-    kept = [i for i, e in enumerate(circuit.edges)
-            if e.sender in from_input and any(n in to_logits for n in receiver_nodes(g, e.receiver))]
+    index = torch.tensor(circuit.indices, dtype=torch.long)
+    receiver, sender = g.edge_ends(index)  # a sender's index is its node's index
+    belongs = g.receiver_node_matrix[receiver]  # [edge, node]: the node(s) each edge feeds
+    n_nodes = len(g.nodes)
+    links = torch.zeros(n_nodes, n_nodes)  # [from, to]: some circuit edge links the two nodes
+    links.index_add_(0, sender, belongs.float())
+    links_b = links > 0
+    from_input = _reach(0, links_b)
+    to_logits = _reach(n_nodes - 1, links_b.T)
+    kept = (from_input[sender] & (belongs & to_logits).any(-1)).nonzero().flatten().tolist()
     scores = None if circuit.scores is None else tuple(circuit.scores[i] for i in kept)
     method = circuit.method if circuit.method.endswith("+ prune") else f"{circuit.method} + prune"
-    return Circuit(g, tuple(circuit.edges[i] for i in kept), scores, method)
+    return _trusted(g, [circuit.indices[i] for i in kept], scores, method)
 
 
-def _reach(start: Node, links: dict[Node, set[Node]]) -> set[Node]:
-    seen, todo = {start}, [start]
-    while todo:
-        for nxt in links.get(todo.pop(), ()):
-            if nxt not in seen:
-                seen.add(nxt)
-                todo.append(nxt)
-    return seen
+def _trusted(graph: Graph, index: Sequence[int], scores: tuple[float, ...] | None, method: str) -> Circuit:
+    """A circuit of edge positions already known to be sorted, distinct and in ``graph``
+    (extraction and pruning), built without checking each edge again."""
+    c = object.__new__(Circuit)
+    for name, value in (("graph", graph), ("edges", tuple(graph.edge_at(i) for i in index)), ("scores", scores),
+                        ("method", method), ("_index", tuple(index))):
+        object.__setattr__(c, name, value)
+    return c
+
+
+def _reach(start: int, links: Bool[Tensor, "node node"]) -> Bool[Tensor, " node"]:
+    """The nodes reachable from node ``start`` along ``links[from, to]`` (itself included)."""
+    seen = torch.zeros(links.shape[0], dtype=torch.bool)
+    seen[start] = True
+    while True:
+        grown = seen | links[seen].any(0)
+        if torch.equal(grown, seen):
+            return seen
+        seen = grown

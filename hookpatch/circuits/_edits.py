@@ -154,34 +154,74 @@ class AddEdits:
 
     def _users(self, i: int) -> Int[Tensor, " n"]:
         """The variants that patch some edge from sender ``i``."""
-        if "used" not in self._state:
-            used = torch.zeros(self.n_variants, len(self.senders), dtype=torch.bool)
-            for w in self.weights.values():
-                used |= w.ne(0).any(-1)
-            self._state["used"] = used  # [V, sender]
-        return self._state["used"][:, i].nonzero().flatten()
+        return self._users_mask()[:, i].nonzero().flatten()
 
     def _store(self, i: int, delta: Tensor, rows: Tensor | None = None) -> None:
-        """Keep ``Δ_s`` of sender ``i`` for the variants ``rows`` using it (masked to each
-        variant's positions) and add it to those variants' running sum over senders so far.
-        Memory: one ``[batch, pos, d_model]`` per used (sender, variant) pair."""
+        """Add ``Δ_s`` of sender ``i`` (masked to each variant's positions) to the running sum
+        over senders so far of the variants ``rows`` using it, and keep it for the variants
+        whose edits will read it one by one (see :meth:`_coefficients`). Memory: one
+        ``[batch, pos, d_model]`` per such (sender, variant) pair — for a circuit's complement,
+        only the few edges the circuit keeps."""
         rows = self._users(i) if rows is None else rows
         mask = self.pos_mask[rows].unsqueeze(-1).to(delta.device, delta.dtype)  # [n, B, pos, 1]
         delta = delta * mask
         total = self._state.get("sum")
         if total is None:
             total = self._state["sum"] = delta.new_zeros(self.n_variants, *delta.shape[1:])
-            # Δ_s of every (sender, variant) pair some edge uses, one row each, for gathering many at once
-            used = self._state["used"].T  # [sender, V]
-            slot = torch.full(used.shape, -1, dtype=torch.long)
-            slot[used] = torch.arange(int(used.sum()))
+            # Δ_s of every (sender, variant) pair some edit reads, one row each, for gathering many at once
+            read = self._read_pairs().T  # [sender, V]
+            slot = torch.full(read.shape, -1, dtype=torch.long)
+            slot[read] = torch.arange(int(read.sum()))
             self._state["slot"] = slot
             # every row is written when its sender is seen, before any edit reads it
-            self._state["pairs"] = delta.new_empty(int(used.sum()), *delta.shape[1:])
+            self._state["pairs"] = delta.new_empty(int(read.sum()), *delta.shape[1:])
             self._state["seen"] = torch.zeros(len(self.senders), dtype=torch.bool)
         self._state["seen"][i] = True
-        total[rows] += delta
-        self._state["pairs"][self._state["slot"][i, rows.cpu()].to(delta.device)] = delta
+        total.index_add_(0, rows.to(total.device), delta)
+        slot = self._state["slot"][i, rows.cpu()]
+        keep = slot >= 0
+        if bool(keep.any()):
+            self._state["pairs"][slot[keep].to(delta.device)] = delta[keep.to(delta.device)]
+
+    def _seen_at(self, site: Site) -> Bool[Tensor, " sender"]:
+        """The senders a forward has produced when it reaches ``site``: the input, every block
+        before the site's layer, and for an MLP input its own block's heads."""
+        layer, kind = site
+        return torch.tensor([s.kind == "input" or s.layer < layer or (kind == "mlp" and s.kind == "head"
+                                                                      and s.layer == layer) for s in self.senders])
+
+    def _coefficients(self, site: Site, head: int) -> tuple[Bool[Tensor, " variant"], Float[Tensor, "variant sender"]]:
+        """How head ``head``'s edit at ``site`` is summed, per variant: ``complement[v]`` (the
+        running sum of every seen sender's ``Δ_s`` is added) and the coefficients of the
+        senders' own ``Δ_s`` added on top. Per variant the shorter way: the patched edges'
+        ``Δ_s`` (weights), or, where the weights are 0/1 and most seen senders are patched (a
+        circuit's complement), the running sum minus the unpatched ones."""
+        w = self.weights[site][:, :, head]  # [V, sender]
+        seen = self._seen_at(site)
+        used = self._users_mask() & seen  # [V, sender]: in the running sum
+        weights = torch.where(seen, w, torch.zeros_like(w))  # unseen senders have no edge here
+        binary = ((weights == 0) | (weights == 1)).all(-1)  # [V]
+        skipped = used & (weights == 0)
+        complement = binary & (skipped.sum(-1) < weights.ne(0).sum(-1))  # [V]
+        coef = torch.where(complement.unsqueeze(-1), -skipped.to(w.dtype), weights)  # [V, sender]
+        return complement, coef
+
+    def _read_pairs(self) -> Bool[Tensor, "variant sender"]:
+        """Which (variant, sender) ``Δ_s`` some edit reads one by one."""
+        read = torch.zeros(self.n_variants, len(self.senders), dtype=torch.bool)
+        for site in self.weights:
+            for group in self.groups(site, self.touched(site)):
+                read |= self._coefficients(site, group[0])[1].ne(0)
+        return read
+
+    def _users_mask(self) -> Bool[Tensor, "variant sender"]:
+        """Which variants patch some edge from each sender, ``[V, sender]``."""
+        if "used" not in self._state:
+            used = torch.zeros(self.n_variants, len(self.senders), dtype=torch.bool)
+            for w in self.weights.values():
+                used |= w.ne(0).any(-1)
+            self._state["used"] = used
+        return self._state["used"]
 
     def touched(self, site: Site) -> list[int]:
         w = self.weights.get(site)
@@ -195,20 +235,16 @@ class AddEdits:
         weights are 0/1 and most of the senders seen so far are patched (a circuit's
         complement), the sum runs the other way: every seen sender's ``Δ_s`` (kept as a running
         sum) minus those of the unpatched edges."""
-        w = self.weights[site][:, :, head]  # [V, sender]
-        out = x.reshape(self.n_variants, -1, *x.shape[1:]).clone()  # [V, B, pos, d_model]
+        grid = x.reshape(self.n_variants, -1, *x.shape[1:])  # [V, B, pos, d_model]
         if "pairs" not in self._state:  # nothing seen yet: no edge into this input has a sender before it
-            return out.flatten(0, 1)
-        seen = self._state["seen"]
-        used = self._state["used"] & seen  # [V, sender]: in the running sum
-        weights = torch.where(seen, w, torch.zeros_like(w))  # unseen senders have no edge here
-        # per variant the shorter way: the patched edges' Δ_s, or the sum of all minus the unpatched
-        binary = ((weights == 0) | (weights == 1)).all(-1)  # [V]
-        skipped = used & (weights == 0)
-        complement = binary & (skipped.sum(-1) < weights.ne(0).sum(-1))  # [V]
-        coef = torch.where(complement.unsqueeze(-1), -skipped.to(w.dtype), weights)  # [V, sender]
-        if bool(complement.any()):
-            out[complement] += self._state["sum"][complement].to(out.device, out.dtype)
+            return x.clone()
+        complement, coef = self._coefficients(site, head)
+        assert torch.equal(self._state["seen"], self._seen_at(site)), "senders observed out of forward order"
+        if bool(complement.any()):  # x + the running sum, for the complement variants only
+            weight = complement.to(grid.device, grid.dtype).view(-1, *([1] * (grid.ndim - 1)))
+            out = torch.addcmul(grid, self._state["sum"].to(grid.device, grid.dtype), weight)
+        else:
+            out = grid.clone()
         v, s = coef.nonzero(as_tuple=True)
         if v.numel():
             store = self._state["pairs"]

@@ -41,7 +41,7 @@ from hookpatch._checks import IntLike, as_int
 from hookpatch._stats import check_bootstrap
 from hookpatch.attribution._compare import Statistic
 from hookpatch.circuits._circuit import Circuit, edge_scores, greedy, top_n
-from hookpatch.circuits._graph import Graph, as_graph
+from hookpatch.circuits._graph import EdgeIndices, Graph, as_graph
 from hookpatch.circuits._patching import edge_patch
 from hookpatch.errors import HookpatchError
 from hookpatch.metrics._base import Metric
@@ -256,7 +256,8 @@ def faithfulness(
     g = as_graph(model, graph)
     items = [circuits] if isinstance(circuits, Circuit) else _as_list(circuits)
     checked = tuple(_as_circuit(g, c, i) for i, c in enumerate(items))
-    sets = [c.complement() for c in checked] + ([list(c.edges) for c in checked] if completeness else [])
+    sets = [c.complement_indices() for c in checked] + ([EdgeIndices(c.indices) for c in checked]
+                                                        if completeness else [])
     res, values, corrupted = _patch_outside(model, prompts, metric, sets, ablation, g, memory_budget, fast, progress,
                                             executor)
     kept, removed = values[:len(checked)], values[len(checked):] if completeness else None
@@ -328,7 +329,7 @@ def faithfulness_curve(
     generator = torch.Generator().manual_seed(seed)
     randoms = [[Circuit(g, tuple(g.edge_at(i) for i in torch.randperm(g.n_edges, generator=generator)[:n].tolist()),
                         method="random") for n in sizes] for _ in range(n_random)]
-    sets = [c.complement() for c in circuits] + [c.complement() for draw in randoms for c in draw]
+    sets = [c.complement_indices() for c in circuits] + [c.complement_indices() for draw in randoms for c in draw]
     res, values, corrupted = _patch_outside(model, prompts, metric, sets, ablation, g, memory_budget, fast, progress,
                                             executor)
     P = len(fractions)
@@ -374,7 +375,7 @@ def _patch_outside(
     corrupted run, or its mean or zero): the result, the values ``[set, batch]`` and the
     per-prompt 0 point of the normalization — the corrupted run itself for ``"patch"`` (every
     edge patched gives it exactly), else the model with every edge ablated (one more set)."""
-    every = [] if ablation == "patch" else [list(g.edges)]
+    every = [] if ablation == "patch" else [EdgeIndices(tuple(range(g.n_edges)))]
     res = edge_patch(model, prompts, metric, edge_sets=sets + every, direction="noising", graph=g,
                      ablation=None if ablation == "patch" else ablation, memory_budget=memory_budget, fast=fast,
                      progress=progress, executor=executor)

@@ -30,7 +30,7 @@ from functools import cached_property, lru_cache
 from typing import Any, Literal
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Bool, Int
 from torch import Tensor
 
 from hookpatch.errors import HookpatchError
@@ -111,6 +111,18 @@ _RECEIVER = re.compile(r"L(\d+)(H|KV)(\d+)\.([qkv])|MLP(\d+)|logits")
 
 
 @dataclass(frozen=True)
+class EdgeIndices:
+    """An edge set given by its positions in ``graph.edges`` (sorted, without repeats): how
+    circuits hand a complement of tens of thousands of edges to edge patching without
+    building and checking an :class:`Edge` per edge."""
+
+    indices: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+@dataclass(frozen=True)
 class Graph:
     """The senders, receivers and edges of a model (see the module docstring).
 
@@ -180,6 +192,23 @@ class Graph:
     @cached_property
     def _starts(self) -> dict[Receiver, int]:
         return {r: start for r, start, _ in self._blocks}
+
+    @cached_property
+    def receiver_node_matrix(self) -> Bool[Tensor, "receiver node"]:
+        """``[receiver, node]``: True where a receiver is an input of the node (a head's q; its
+        KV head's k and v, under grouped-query attention every query head the KV head feeds;
+        an MLP's input; the logits). Senders are the first nodes, in :attr:`senders` order."""
+        index = {n: i for i, n in enumerate(self.nodes)}
+        out = torch.zeros(len(self.receivers), len(self.nodes), dtype=torch.bool)
+        for i, r in enumerate(self.receivers):
+            if r.input == "logits":
+                out[i, -1] = True
+            elif r.input == "mlp":
+                out[i, index[Node("mlp", r.layer)]] = True
+            else:
+                for h in self.query_heads(r):
+                    out[i, index[Node("head", r.layer, h)]] = True
+        return out
 
     @cached_property
     def _sender_index(self) -> dict[Node, int]:

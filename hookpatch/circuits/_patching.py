@@ -45,7 +45,7 @@ from hookpatch.circuits._engine import (
     plan_jobs,
     run_jobs,
 )
-from hookpatch.circuits._graph import RECEIVER_INPUTS, Edge, Graph, Node, Receiver, as_graph, sends_to
+from hookpatch.circuits._graph import RECEIVER_INPUTS, Edge, EdgeIndices, Graph, Node, Receiver, as_graph, sends_to
 from hookpatch.errors import HookpatchError
 from hookpatch.metrics._base import Metric
 from hookpatch.model._loading import require_eval
@@ -113,15 +113,15 @@ def edge_patch(
     ctx = _Context.build(model, prompts, metric, graph, fast, direction)
     g = ctx.work.graph
     if edge_sets is None:
-        sets = [g.edge_set(edges)]
+        sets = [_index_set(g, edges)]
     else:
         if isinstance(edge_sets, str | Edge) or not isinstance(edge_sets, Sequence):
             raise HookpatchError(
                 "edge_sets= must be a list of edge sets (each a list of edges); for one set pass edges=."
             )
-        sets = [g.edge_set(s) for s in edge_sets]
-    labels = tuple(s[0].label if len(s) == 1 else f"{len(s)} edges" for s in sets)
-    variants = [PathVariant(edges=edge_indices(g, s)) for s in sets]
+        sets = [_index_set(g, s) for s in edge_sets]
+    labels = tuple(g.edge_at(s[0]).label if len(s) == 1 else f"{len(s)} edges" for s in sets)
+    variants = [PathVariant(edges=s) for s in sets]
     receiver_positions = check_positions(positions, prompts, prompts.n_pos, "positions")
     source = None
     if ablation is not None:
@@ -208,6 +208,17 @@ def path_patch_sweep(
         memory_budget=memory_budget, progress=progress, executor=executor, method="path_patch",
         receivers=tuple(r.label for r in targets), grid=grid,
     )
+
+
+def _index_set(g: Graph, edges: Any) -> tuple[int, ...]:
+    """One edge set as sorted positions in ``g.edges``: :class:`EdgeIndices` as they are
+    (checked to lie in the graph), anything else through :meth:`Graph.edge_set`."""
+    if isinstance(edges, EdgeIndices):
+        ix = edges.indices
+        if ix and (ix[0] < 0 or ix[-1] >= g.n_edges or any(a >= b for a, b in zip(ix, ix[1:], strict=False))):
+            raise HookpatchError(f"EdgeIndices: expected sorted positions in 0..{g.n_edges - 1} without repeats.")
+        return ix
+    return edge_indices(g, g.edge_set(edges))
 
 
 def _receivers(g: Graph, receivers: Any, receiver_input: str | None) -> list[Receiver]:
