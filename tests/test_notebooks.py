@@ -26,12 +26,22 @@ import numpy as np
 import pytest
 import torch
 
-from hookpatch import LogitDiff, dla_by_head, ioi_prompts, load_model, pronoun_prompts, rank_heads
+from hookpatch import (
+    LogitDiff,
+    dla_by_head,
+    ioi_prompts,
+    load_model,
+    make_prompt_set,
+    model_facts,
+    pronoun_prompts,
+    rank_heads,
+    tiny_model,
+)
 from hookpatch.model import to_single_token
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 PYPROJECT = NOTEBOOKS.parent / "pyproject.toml"
-NAMES = ("pronoun_case_study", "ioi_case_study", "attribution_vs_patching")
+NAMES = ("pronoun_case_study", "ioi_case_study", "attribution_vs_patching", "coming_from_nnsight")
 MISSING = [m for m in ("nbclient", "nbformat", "ipykernel") if importlib.util.find_spec(m) is None]
 needs_kernel = pytest.mark.skipif(
     bool(MISSING),
@@ -294,6 +304,109 @@ def test_attribution_notebook():
     for label in ("L0 @ IO", "L0 @ S1"):
         i = resid["label"].index(label)
         assert abs(resid["activation"][i]) < 1e-4 and abs(resid["attribution"][i]) < 1e-4
+
+
+def test_nnsight_guide_needs_no_nnsight():
+    """The guide shows nnsight's code as text beside runnable hookpatch cells: no cell imports it."""
+    nb = _read("coming_from_nnsight")
+    for source in _code(nb):
+        assert not re.search(r"^\s*(import|from)\s+nnsight", source, re.M), source
+    prose = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+    assert "tracer.invoke(" in prose and "o_proj.input" in prose  # the recipes it translates, shown
+    assert "h[l].output[0][:, tok]" in prose  # the pitfall, named
+
+
+def _write_position(act, hook, index, source):
+    act[:, index] = source[:, index]
+    return act
+
+
+def _write_head(act, hook, index, source):
+    act[:, :, index] = source[:, :, index]
+    return act
+
+
+def _patched_logit_diffs(model, prompts, hook_name, write, cells, noising=False) -> list[float]:
+    """Hand-written patching loop over one prompt: per ``(layer, index)`` cell one
+    ``run_with_hooks`` of the target run in which ``write`` copies the source run's activation
+    at ``hook_name`` (position or head ``index``); the logit difference at END of each."""
+    source, target = ((prompts.corrupted_tokens, prompts.clean_tokens) if noising
+                      else (prompts.clean_tokens, prompts.corrupted_tokens))
+    with torch.no_grad():
+        _, cache = model.run_with_cache(source)
+    correct, incorrect = prompts.answer_tokens[0].tolist()
+    out = []
+    for layer, index in cells:
+        name = hook_name.format(layer=layer)
+        hook = functools.partial(write, index=index, source=cache[name])
+        with torch.no_grad():
+            end = model.run_with_hooks(target, fwd_hooks=[(name, hook)])[0, int(prompts.end[0])]
+        out.append(float(end[correct] - end[incorrect]))
+    return out
+
+
+def _normalized_grid(model, prompts, hook_name, write, n_layers, n_inner, noising=False) -> list[list[float]]:
+    """:func:`_patched_logit_diffs` over ``n_layers × n_inner`` cells, normalized by the plain
+    forward passes' logit differences (1 = clean run, 0 = corrupted run)."""
+    cells = [(layer, i) for layer in range(n_layers) for i in range(n_inner)]
+    clean = _logit_diffs(model, prompts, prompts.clean_tokens)[0]
+    corrupted = _logit_diffs(model, prompts, prompts.corrupted_tokens)[0]
+    flat = [(v - corrupted) / (clean - corrupted)
+            for v in _patched_logit_diffs(model, prompts, hook_name, write, cells, noising)]
+    return [flat[i * n_inner:(i + 1) * n_inner] for i in range(n_layers)]
+
+
+@_with_kernel_marks
+def test_nnsight_guide_notebook(organism):
+    results = _execute("coming_from_nnsight")
+    assert results["model"] == "organism"
+    prompts = make_prompt_set(organism, [results["clean"]], [results["corrupted"]], [(" John", " Mary")])
+    assert _close([results["clean_logit_diff"]], _logit_diffs(organism, prompts, prompts.clean_tokens))
+    assert _close([results["corrupted_logit_diff"]], _logit_diffs(organism, prompts, prompts.corrupted_tokens))
+    n_layers, n_heads, n_pos = organism.cfg.n_layers, organism.cfg.n_heads, prompts.n_pos
+
+    # the residual stream at each block's output (nnsight's h[l].output), both directions,
+    # and each head's z at all positions, against hand-written run_with_hooks loops
+    resid = _normalized_grid(organism, prompts, "blocks.{layer}.hook_resid_post", _write_position, n_layers, n_pos)
+    assert _close(np.ravel(results["resid_post"]), np.ravel(resid), tol=1e-4)
+    noising = _normalized_grid(organism, prompts, "blocks.{layer}.hook_resid_post", _write_position, n_layers, n_pos,
+                               noising=True)
+    assert _close(np.ravel(results["noising"]), np.ravel(noising), tol=1e-4)
+    heads = _normalized_grid(organism, prompts, "blocks.{layer}.attn.hook_z", _write_head, n_layers, n_heads)
+    assert _close(np.ravel(results["heads"]), np.ravel(heads), tol=1e-4)
+    best = int(np.argmax(np.ravel(heads)))
+    assert results["heads_top"] == f"L{best // n_heads}H{best % n_heads}"
+    assert len(results["resid_post_pos_labels"]) == n_pos and results["resid_post_pos_labels"][-1].endswith("(END)")
+    # at the last layer's output only END reaches the logits; patching it there gives the clean run back
+    assert math.isclose(results["resid_post"][-1][-1], 1.0, abs_tol=1e-4)
+    assert all(abs(v) < 1e-4 for v in results["resid_post"][-1][:-1])
+    # noising at the last block's output, END: the corrupted run
+    assert math.isclose(results["noising"][-1][-1], 0.0, abs_tol=1e-4)
+
+    # grouped-query attention: the same random model (tiny_model is deterministic), query heads
+    # through z and KV heads through v, by hand; the head map from the config's group size
+    gqa = tiny_model("llama", n_layers=2, d_model=64, n_heads=8, n_kv_heads=2, d_mlp=128)
+    config = gqa.original_model.config
+    n_q, n_kv = config.num_attention_heads, config.num_key_value_heads
+    assert (results["gqa_n_heads"], results["gqa_n_kv_heads"]) == (n_q, n_kv) == (8, 2)
+    group = n_q // n_kv  # HuggingFace's repeat_kv: query head h reads KV head h // group
+    assert results["gqa_head_map"] == {f"KV{kv}": [f"H{h}" for h in range(n_q) if h // group == kv]
+                                       for kv in range(n_kv)}
+    assert results["gqa_z_labels"] == [f"H{h}" for h in range(n_q)]
+    assert results["gqa_v_labels"] == [f"KV{kv}" for kv in range(n_kv)]
+    gqa_prompts = make_prompt_set(gqa, [results["clean"]], [results["corrupted"]], [(" John", " Mary")])
+    assert _close([results["gqa_clean_logit_diff"]], _logit_diffs(gqa, gqa_prompts, gqa_prompts.clean_tokens))
+    assert _close([results["gqa_corrupted_logit_diff"]], _logit_diffs(gqa, gqa_prompts, gqa_prompts.corrupted_tokens))
+    z = _normalized_grid(gqa, gqa_prompts, "blocks.{layer}.attn.hook_z", _write_head, 2, n_q)
+    assert _close(np.ravel(results["gqa_z"]), np.ravel(z), tol=1e-4)
+    v = _normalized_grid(gqa, gqa_prompts, "blocks.{layer}.attn.hook_v", _write_head, 2, n_kv)
+    assert _close(np.ravel(results["gqa_v"]), np.ravel(v), tol=1e-4)
+    assert model_facts(gqa).n_heads_of("v") == n_kv
+
+    # the refusals name the argument and what was expected
+    assert f"position {n_pos} is out of range" in results["position_error"] and f"0..{n_pos - 1}" in results[
+        "position_error"]
+    assert "heads=" in results["heads_error"] and "no head axis" in results["heads_error"]
 
 
 @_with_kernel_marks
