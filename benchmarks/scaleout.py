@@ -17,6 +17,7 @@ import argparse
 import json
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,17 +26,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hookpatch.metrics import LogitDiff  # noqa: E402
+from hookpatch.model import load_model  # noqa: E402
+from hookpatch.model._tiny import write_tiny_checkpoint  # noqa: E402
 from hookpatch.runners import RayExecutor  # noqa: E402
 from hookpatch.sweeps import patch_sweep  # noqa: E402
-from sweeps import build_model, settings_for  # noqa: E402
+from sweeps import MODELS, settings_for  # noqa: E402
 
 NOTES = (
     "wall_s is wall-clock seconds of the whole patch_sweep call. For Ray rows it includes starting the "
     "actors, each worker loading the model from its load arguments (a random GPT-2-small-shaped checkpoint "
-    "written and loaded again) and caching its own unpatched runs; startup_s is the wall time of a first "
-    "call on a one-prompt set with fresh actors, i.e. roughly that share. ray_init_s (starting the local "
-    "cluster) is not in any row. Every process runs one torch thread. n_jobs is the number of jobs the "
-    "memory budget cut the sweep into; Ray's ActorPool hands each idle worker the next one."
+    "directory, loaded from disk as a user's would be) and caching its own unpatched runs; startup_s is the "
+    "wall time of a first call on a one-prompt set with fresh actors, i.e. roughly that share. ray_init_s "
+    "(starting the local cluster) is not in any row. Every process runs one torch thread; Ray runs its "
+    "workers at niceness 15, which matters only when something else competes for the cores. n_jobs is the "
+    "number of jobs the memory budget cut the sweep into; Ray's ActorPool hands each idle worker the next one."
 )
 
 
@@ -54,7 +58,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = build_model("gpt2-small")
+    # a checkpoint directory, as a user's model would be: each worker loads it from disk
+    checkpoint = tempfile.mkdtemp(prefix="hookpatch-scaleout-")
+    spec = dict(MODELS["gpt2-small"])
+    write_tiny_checkpoint(checkpoint, spec.pop("family"), n_ctx=1024, init_std=None, **spec)
+    model = load_model(checkpoint, device="cpu")
     prompts = settings_for(model)[args.setting]()
     budget = args.budget_mb * 2**20
     rows = []
